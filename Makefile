@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh Debian machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+ARGS   ?=
+
+# Debian packages the test suite needs (later issues add nginx, prometheus, podman...).
+TEST_DEBS := python3-venv procps
+
+.PHONY: run test lint typecheck unit clean
+
+$(VENV)/.python:
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	touch $@
+
+$(VENV)/.runtime: $(VENV)/.python pyproject.toml constraints.txt
+	$(BIN)/pip install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+## run: the service on its built-in defaults (port 8888, one worker per usable CPU); ARGS="--port 9000"
+run: $(VENV)/.runtime
+	$(BIN)/python -m service $(ARGS)
+
+## test: lint, type-check, then the whole test suite against real processes
+test: $(VENV)/.test
+	@scripts/install-debian.sh $(TEST_DEBS)
+	$(BIN)/ruff check service tests
+	$(BIN)/mypy
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check service tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,138 @@
+"""How many CPUs this process may really use, and so how many workers to fork.
+
+`os.cpu_count()` reports the machine's cores, not the container's share: a pod limited to 1.5
+CPUs on a 64-core node would fork 64 workers that fight over 1.5 cores. The budget is the
+smallest of the cgroup CPU quota (v2 `cpu.max`, v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`,
+anywhere up the process's cgroup path), the CPU affinity mask and the core count, rounded up
+(1.5 CPUs run two workers that each get three quarters of a core) and at least 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """The worker count and every figure it was derived from, so the start-up log can say why."""
+
+    workers: int
+    reason: str
+    cores: int | None
+    affinity: int | None
+    quota: float | None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cgroup_paths(self_cgroup: Path) -> dict[str, str]:
+    """Map each controller in /proc/self/cgroup to its path; the v2 unified entry is keyed ''."""
+    paths: dict[str, str] = {}
+    for line in (_read(self_cgroup) or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        for name in controllers.split(",") if controllers else [""]:
+            paths[name] = path
+    return paths
+
+
+def _up_from(mount: Path, path: str) -> Iterator[Path]:
+    """The cgroup directory of this process under `mount`, then each parent up to `mount`.
+
+    Inside a container the cgroup namespace (or a bind mount) makes `mount` itself the
+    container's cgroup, while /proc/self/cgroup may still show the host's path; walking up
+    covers both, and a limit set on any ancestor binds this process too.
+    """
+    rel = Path(path.lstrip("/"))
+    seen = set()
+    for candidate in [rel, *rel.parents]:
+        directory = mount / candidate
+        if directory not in seen:
+            seen.add(directory)
+            yield directory
+
+
+def _v2_quota(directory: Path) -> float | None:
+    text = _read(directory / "cpu.max")
+    if not text:
+        return None
+    fields = text.split()
+    if fields[0] == "max" or len(fields) != 2:
+        return None
+    quota, period = int(fields[0]), int(fields[1])
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _v1_quota(directory: Path) -> float | None:
+    quota_text, period_text = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
+    if quota_text is None or period_text is None:
+        return None
+    quota, period = int(quota_text), int(period_text)
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> tuple[float, str] | None:
+    """The tightest CPU quota on this process's cgroup path as (CPUs, where it was found), or None."""
+    paths = _cgroup_paths(self_cgroup)
+    found: list[tuple[float, str]] = []
+    if "" in paths:  # cgroup v2 (unified) or the v2 part of a hybrid host
+        for directory in _up_from(root, paths[""]):
+            quota = _v2_quota(directory)
+            if quota is not None:
+                found.append((quota, f"cgroup v2 {directory / 'cpu.max'}"))
+    if "cpu" in paths:  # cgroup v1: the cpu controller is mounted as cpu, or cpu,cpuacct
+        for mount_name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+            mount = root / mount_name
+            if not mount.is_dir():
+                continue
+            for directory in _up_from(mount, paths["cpu"]):
+                quota = _v1_quota(directory)
+                if quota is not None:
+                    found.append((quota, f"cgroup v1 {directory / 'cpu.cfs_quota_us'}"))
+            break
+    return min(found) if found else None
+
+
+def affinity_count() -> int | None:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return None
+
+
+def cpu_budget(
+    root: Path = CGROUP_ROOT,
+    self_cgroup: Path = SELF_CGROUP,
+    cores: int | None = None,
+    affinity: int | None = None,
+) -> CpuBudget:
+    """Workers to fork when WEB_CONCURRENCY is not set: the CPUs this process may really use."""
+    cores = os.cpu_count() if cores is None else cores
+    affinity = affinity_count() if affinity is None else affinity
+    quota = cgroup_quota(root, self_cgroup)
+    limits: list[tuple[float, str]] = []
+    if cores:
+        limits.append((float(cores), f"{cores} cores"))
+    if affinity:
+        limits.append((float(affinity), f"CPU affinity allows {affinity}"))
+    if quota is not None:
+        limits.append((quota[0], f"{quota[1]} allows {quota[0]:g} CPUs"))
+    if not limits:
+        return CpuBudget(1, "no CPU information found; 1 worker", cores, affinity, None)
+    value, why = min(limits)
+    workers = max(1, math.ceil(value))
+    return CpuBudget(workers, why, cores, affinity, quota[0] if quota else None)

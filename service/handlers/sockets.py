@@ -1,0 +1,56 @@
+"""WebSockets: an echo, and a ticker that pushes every tick of the worker's tick bus.
+
+Each socket registers with the worker's state so the drain can close it with 1001 (going away),
+and a draining worker refuses new upgrades with 503 so clients reconnect elsewhere.
+"""
+
+from __future__ import annotations
+
+from asyncio import Future
+
+from tornado.websocket import WebSocketClosedError, WebSocketHandler
+
+from service.handlers.base import ApiError, ServiceMixin
+
+
+def _retrieve(future: Future[None]) -> None:
+    """A write to a socket that closed meanwhile fails; that is expected, not worth a log line."""
+    if not future.cancelled():
+        future.exception()
+
+
+class TrackedSocket(ServiceMixin, WebSocketHandler):
+    def prepare(self) -> None:
+        if self.app.state.draining:
+            raise ApiError(503, "server is shutting down")
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        self.app.state.websockets.add(self)
+
+    def on_close(self) -> None:
+        self.app.state.websockets.discard(self)
+
+    def send(self, message: str | bytes) -> None:
+        try:
+            future = self.write_message(message, binary=isinstance(message, bytes))
+        except WebSocketClosedError:
+            return
+        future.add_done_callback(_retrieve)
+
+
+class EchoSocket(TrackedSocket):
+    def on_message(self, message: str | bytes) -> None:
+        self.send(message)
+
+
+class TickerSocket(TrackedSocket):
+    def open(self, *args: str, **kwargs: str) -> None:
+        super().open()
+        self.app.ticker.subscribe(self.send)
+
+    def on_message(self, message: str | bytes) -> None:
+        """Clients only listen; anything they send is ignored."""
+
+    def on_close(self) -> None:
+        self.app.ticker.unsubscribe(self.send)
+        super().on_close()

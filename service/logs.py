@@ -1,0 +1,90 @@
+"""Structured logs: one JSON object per line on stdout, from our code and from Tornado's loggers.
+
+Our own events go through structlog's native pipeline (cheap: no stdlib `LogRecord` per access
+line); Tornado's loggers (`tornado.general`, `tornado.application`, ...) and anything else that
+uses `logging` are routed through the same processors by `ProcessorFormatter`, so no plain-text
+line ever reaches stdout. Per-process fields (`worker`, `pid`) are context variables bound once
+after the fork, and so appear on every line that process writes.
+
+This module is a leaf: everything may import it and it imports nothing from the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import orjson
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def _orjson_dumps(event: EventDict, **_: Any) -> bytes:
+    return orjson.dumps(event, default=repr)
+
+
+def _logger_name(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Name the logger on every line, ours and Tornado's alike (`tornado.general`, `access`...)."""
+    record = event.get("_record")
+    event["logger"] = record.name if record is not None else event.pop("logger_name", None)
+    return event
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    """Set up structlog and the stdlib bridge; called once per process (safe to repeat)."""
+    numeric = _LEVELS[level]
+    shared: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _logger_name,
+    ]
+    renderer: Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        final: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
+        logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+        final = [renderer]
+        logger_factory = structlog.PrintLoggerFactory(sys.stdout)
+
+    structlog.configure(
+        processors=[*shared, structlog.processors.StackInfoRenderer(), *final],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=logger_factory,
+        cache_logger_on_first_use=False,
+    )
+
+    stdlib_final: list[Processor] = [
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(serializer=lambda e, **_: orjson.dumps(e, default=repr).decode())
+        if fmt == "json"
+        else renderer,
+    ]
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=stdlib_final,
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    logging.captureWarnings(True)
+
+
+def bind_process(**fields: Any) -> None:
+    """Fields that every line from this process carries (after a fork, rebind them)."""
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(**fields)
+
+
+def get_logger(name: str) -> Any:
+    """A lazy logger: safe to create at import time, before `configure` has run."""
+    return structlog.get_logger(name, logger_name=name)

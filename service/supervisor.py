@@ -1,0 +1,204 @@
+"""The supervisor: bind, fork, restart, and on SIGTERM drain every worker and exit.
+
+Read top to bottom, `run` is the whole life of the parent process:
+
+1. size the worker pool (WEB_CONCURRENCY, else the CPUs this process may use) and raise the
+   open-files limit to fit the connection cap;
+2. bind the listening socket(s), in the parent, so every worker shares the port (with
+   REUSE_PORT, one SO_REUSEPORT socket per worker slot, balanced by the kernel);
+3. fork the workers with Tornado's own `fork_processes`, which also restarts a worker that dies
+   (crash, SIGKILL, non-zero exit) under the same worker id, leaves one that exits 0 alone, and
+   gives up after MAX_RESTARTS restarts (we then stop the others and exit 1);
+4. on SIGTERM or SIGINT, leave `fork_processes` (the signal handler raises `StopRequested`,
+   the only thing it does) and `shutdown`: close the parent's copy of the listener, send each
+   worker one SIGTERM, reap them until SHUTDOWN_GRACE runs out, SIGKILL what is left.
+   A second signal during the shutdown kills the workers at once.
+
+`fork_processes` knows nothing of shutting down: left running, it would restart a worker that
+was killed while draining. Leaving it is what makes the shutdown final; no worker is forked
+after the parent stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+
+import psutil
+from tornado.netutil import bind_sockets
+from tornado.process import fork_processes
+
+from service import __version__, logs, worker
+from service.config import Settings, describe
+from service.cpus import cpu_budget
+
+_log = logs.get_logger("service.supervisor")
+FD_RESERVE = 256  # descriptors a worker needs besides its connections (logs, metrics files, DNS...)
+
+
+class StopRequested(BaseException):
+    """Raised by the signal handler to take the parent out of fork_processes' wait loop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run(settings: Settings) -> int:
+    logs.bind_process(role="supervisor", pid=os.getpid())
+    _log.info("starting", **version_info(), settings=describe(settings))
+    workers = worker_count(settings)
+    settings = fit_open_files(settings)
+    slots = bind(settings, workers)
+    _log.info("listening", addresses=[_address(s) for s in slots[0]], port=slots[0][0].getsockname()[1],
+              reuse_port=settings.reuse_port, backlog=settings.backlog)
+
+    supervisor_pid = os.getpid()
+
+    def on_stop_signal(signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != supervisor_pid:
+            # A worker forked a moment ago, before it set its own handlers: act as the default would.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StopRequested(signum)
+
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
+
+    try:
+        worker_id = fork_processes(workers, max_restarts=settings.max_restarts)
+    except StopRequested as stop:
+        return shutdown(slots, settings, reason=str(stop))
+    except RuntimeError as exc:  # "Too many child restarts, giving up"
+        _log.error("crash loop: giving up", error=str(exc), max_restarts=settings.max_restarts)
+        shutdown(slots, settings, reason="crash loop")
+        return 1
+    except SystemExit:  # fork_processes exits 0 once every worker has exited 0
+        _log.info("every worker exited cleanly")
+        return 0
+
+    # From here on this is a worker process.
+    mine = slots[worker_id]
+    for slot in slots:
+        if slot is not mine:
+            for sock in slot:
+                sock.close()
+    return worker.run(worker_id, mine, settings, supervisor_pid)
+
+
+def worker_count(settings: Settings) -> int:
+    if settings.workers is not None:
+        _log.info("worker count", workers=settings.workers, reason="WEB_CONCURRENCY/--workers")
+        return settings.workers
+    budget = cpu_budget()
+    _log.info("worker count", workers=budget.workers, reason=budget.reason, cores=budget.cores,
+              affinity=budget.affinity, cgroup_quota=budget.quota)
+    return budget.workers
+
+
+def fit_open_files(settings: Settings) -> Settings:
+    """Raise RLIMIT_NOFILE to its hard limit, and lower MAX_CONNECTIONS if it still cannot fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    room = soft - FD_RESERVE
+    if settings.max_connections > room:
+        _log.warning("MAX_CONNECTIONS lowered to fit the open-files limit",
+                     requested=settings.max_connections, allowed=max(1, room), nofile=soft)
+        settings = dataclasses.replace(settings, max_connections=max(1, room))
+    return settings
+
+
+def bind(settings: Settings, workers: int) -> list[list[socket.socket]]:
+    """Listening sockets for each worker slot: one shared set, or one SO_REUSEPORT set per slot."""
+    address = settings.address or None
+    first = bind_sockets(settings.port, address, backlog=settings.backlog, reuse_port=settings.reuse_port)
+    if not settings.reuse_port:
+        return [first] * workers
+    port = first[0].getsockname()[1]  # with PORT=0 every slot must share the port picked first
+    return [first] + [
+        bind_sockets(port, address, backlog=settings.backlog, reuse_port=True) for _ in range(workers - 1)
+    ]
+
+
+def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str) -> int:
+    """Drain the workers: the runbook an operator would follow by hand, in code."""
+    deadline = time.monotonic() + settings.shutdown_grace
+    _log.info("shutting down", reason=reason, grace_seconds=settings.shutdown_grace)
+    for slot in slots:
+        for sock in slot:
+            sock.close()  # the port refuses new connections once the workers close theirs too
+    children = _children()
+    _signal(children, signal.SIGTERM)
+    try:
+        _reap_until(deadline)
+    except StopRequested as again:
+        _log.warning("second signal: stopping workers at once", signal=str(again))
+        return _kill_remaining()
+    if _children():
+        _log.warning("shutdown grace ran out: killing workers", grace_seconds=settings.shutdown_grace)
+        return _kill_remaining()
+    _log.info("shutdown complete", workers=len(children))
+    return 0
+
+
+def _kill_remaining() -> int:
+    _signal(_children(), signal.SIGKILL)
+    _reap_until(time.monotonic() + 5.0)
+    return 1
+
+
+def _reap_until(deadline: float) -> None:
+    """Collect exited workers, logging how each ended, until none is left or the deadline passes."""
+    while time.monotonic() < deadline:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.02)
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            _log.warning("worker exited", worker_pid=pid, signal=signal.Signals(-code).name)
+        else:
+            _log.info("worker exited", worker_pid=pid, exit_code=code)
+
+
+def _children() -> list[int]:
+    try:
+        return [child.pid for child in psutil.Process().children()]
+    except psutil.Error:
+        return []
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def version_info() -> dict[str, str]:
+    import tornado
+
+    return {"version": __version__, "tornado": tornado.version, "python": sys.version.split()[0]}
+

@@ -1,0 +1,71 @@
+"""The tick bus: one timer per worker that fans each tick out to every WebSocket and long poll.
+
+Every event carries `ts`, the server's wall-clock time when the fan-out began, so a client can
+measure fan-out latency as (receive time - ts). The event is encoded once per tick, not once
+per subscriber: with thousands of sockets the encoding would otherwise dominate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import orjson
+from tornado.ioloop import PeriodicCallback
+
+Subscriber = Callable[[str], None]
+
+
+class Ticker:
+    def __init__(self, interval: float, worker_id: int) -> None:
+        self.interval = interval
+        self.worker_id = worker_id
+        self.seq = 0
+        self._subscribers: set[Subscriber] = set()
+        self._waiters: set[asyncio.Future[str | None]] = set()
+        self._timer = PeriodicCallback(self._tick, interval * 1000.0)
+
+    def start(self) -> None:
+        self._timer.start()
+
+    def stop(self) -> None:
+        self._timer.stop()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.add(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    def next_event(self) -> asyncio.Future[str | None]:
+        """A future resolved with the next tick's JSON, or None when the worker drains."""
+        waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        waiter.add_done_callback(self._waiters.discard)
+        return waiter
+
+    def release_waiters(self) -> int:
+        """Answer every long poll now (with None) so a draining worker does not hold them."""
+        return self._resolve(None)
+
+    def _resolve(self, value: str | None) -> int:
+        waiters, self._waiters = self._waiters, set()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(value)
+        return len(waiters)
+
+    def _tick(self) -> None:
+        self.seq += 1
+        payload = orjson.dumps(
+            {"type": "tick", "seq": self.seq, "ts": time.time(), "worker": self.worker_id,
+             "interval": self.interval}
+        ).decode()
+        for subscriber in list(self._subscribers):
+            subscriber(payload)
+        self._resolve(payload)

@@ -1,0 +1,128 @@
+"""One worker's life, after the fork: start serving, wait for SIGTERM, drain, exit 0.
+
+Everything that holds an event loop is created here, in the child: uvloop's loop, Tornado's
+IOLoop wrapper, the HTTP server on the inherited listening sockets, the tick bus. The drain, in
+order (each step is what an operator expects from a rolling update):
+
+1. /readyz turns 503 (and, after DRAIN_DELAY, the load balancer has noticed);
+2. this worker closes its listening sockets: once every holder has, new connections are refused;
+3. keep-alive is switched off, so each later response carries `Connection: close`;
+4. long polls get their answer now (204) and WebSockets get a close frame with 1001;
+5. in-flight requests finish, until the worker's share of SHUTDOWN_GRACE runs out;
+6. what is left is closed, and the worker exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import uvloop
+from tornado.ioloop import PeriodicCallback
+
+from service import logs
+from service.app import ServiceApp
+from service.config import Settings
+from service.server import LimitedHTTPServer
+from service.state import WorkerState
+from service.ticker import Ticker
+
+GOING_AWAY = 1001
+_log = logs.get_logger("service.worker")
+
+
+def drain_budget(grace: float) -> float:
+    """The worker's share of SHUTDOWN_GRACE: the supervisor keeps a margin to reap and exit."""
+    return grace - min(1.0, grace * 0.2)
+
+
+def run(worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int) -> int:
+    """Serve on `sockets` until told to stop; returns the exit code (0 after a clean drain)."""
+    # Ctrl-C in a terminal reaches the whole process group: let the supervisor alone turn it
+    # into one orderly SIGTERM per worker. SIGTERM itself is handled once the loop runs.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    logs.bind_process(worker=worker_id, pid=os.getpid())
+    return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid))
+
+
+async def _serve(worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int) -> int:
+    loop = asyncio.get_running_loop()
+    state = WorkerState(worker_id)
+    ticker = Ticker(settings.tick_interval, worker_id)
+    server = LimitedHTTPServer(
+        ServiceApp(settings, state, ticker),
+        xheaders=True,
+        max_body_size=settings.max_body_size,
+        max_header_size=settings.max_header_size,
+        idle_connection_timeout=settings.idle_timeout,
+        body_timeout=settings.body_timeout,
+        max_connections=settings.max_connections,
+    )
+    server.add_sockets(sockets)
+
+    stop = asyncio.Event()
+    reason: list[str] = []
+
+    def request_stop(why: str) -> None:
+        if not stop.is_set():
+            reason.append(why)
+            stop.set()
+
+    loop.add_signal_handler(signal.SIGTERM, request_stop, "SIGTERM")
+
+    def watch_supervisor() -> None:
+        """An orphaned worker (its supervisor SIGKILLed) drains instead of serving forever."""
+        if os.getppid() != supervisor_pid:
+            request_stop("supervisor gone")
+
+    watchdog = PeriodicCallback(watch_supervisor, 1000.0)
+    watchdog.start()
+    ticker.start()
+    state.ready = True
+    _log.info("worker started", connections_cap=settings.max_connections)
+
+    await stop.wait()
+    await drain(server, state, ticker, settings, reason[0])
+    watchdog.stop()
+    # Drained: a late SIGTERM (say, the whole process group signalled as well as the supervisor's
+    # forward) must not turn this clean exit into a death by signal once the loop closes.
+    loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return 0
+
+
+async def drain(
+    server: LimitedHTTPServer, state: WorkerState, ticker: Ticker, settings: Settings, reason: str
+) -> None:
+    started = time.monotonic()
+    deadline = started + drain_budget(settings.shutdown_grace)
+    state.draining = True
+    _log.info("draining", reason=reason, in_flight=state.in_flight, websockets=len(state.websockets))
+    if settings.drain_delay:
+        await asyncio.sleep(settings.drain_delay)
+    server.stop()
+    server.stop_keep_alive()
+    ticker.stop()
+    polls = ticker.release_waiters()
+    sockets = state.close_websockets(GOING_AWAY, "server shutting down")
+    while state.busy and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    cut = state.in_flight
+    if state.busy:
+        _log.warning("drain deadline reached, closing what is left",
+                     in_flight=state.in_flight, websockets=len(state.websockets))
+    try:
+        await asyncio.wait_for(server.close_all_connections(), max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        pass
+    _log.info(
+        "worker drained",
+        released_polls=polls,
+        closed_websockets=sockets,
+        requests_cut=cut,
+        drain_seconds=round(time.monotonic() - started, 3),
+    )
