@@ -21,6 +21,7 @@ after the parent stops.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import resource
@@ -28,6 +29,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 
 import psutil
@@ -59,26 +61,15 @@ def run(settings: Settings) -> int:
     _log.info("listening", addresses=[_address(s) for s in slots[0]], port=slots[0][0].getsockname()[1],
               reuse_port=settings.reuse_port, backlog=settings.backlog)
 
-    supervisor_pid = os.getpid()
-
-    def on_stop_signal(signum: int, _frame: FrameType | None) -> None:
-        if os.getpid() != supervisor_pid:
-            # A worker forked a moment ago, before it set its own handlers: act as the default would.
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        raise StopRequested(signum)
-
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGINT, on_stop_signal)
-
+    signals = StopSignals(os.getpid())
     try:
         worker_id = fork_processes(workers, max_restarts=settings.max_restarts)
     except StopRequested as stop:
-        return shutdown(slots, settings, reason=str(stop))
+        return shutdown(slots, settings, str(stop), signals)
     except RuntimeError as exc:  # "Too many child restarts, giving up"
+        signals.stopping = True
         _log.error("crash loop: giving up", error=str(exc), max_restarts=settings.max_restarts)
-        shutdown(slots, settings, reason="crash loop")
+        shutdown(slots, settings, "crash loop", signals)
         return 1
     except SystemExit:  # fork_processes exits 0 once every worker has exited 0
         _log.info("every worker exited cleanly")
@@ -90,7 +81,35 @@ def run(settings: Settings) -> int:
         if slot is not mine:
             for sock in slot:
                 sock.close()
-    return worker.run(worker_id, mine, settings, supervisor_pid)
+    return worker.run(worker_id, mine, settings, signals.supervisor_pid)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT in the parent: the first one leaves fork_processes, later ones are counted.
+
+    Raising from a handler is how the parent gets out of `os.wait()` inside fork_processes;
+    raising only once is what keeps the shutdown code itself from being interrupted by a second
+    signal, which `shutdown` reads from `repeated` instead.
+    """
+
+    def __init__(self, supervisor_pid: int) -> None:
+        self.supervisor_pid = supervisor_pid
+        self.stopping = False
+        self.repeated = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != self.supervisor_pid:
+            # A worker forked a moment ago, before it set its own handlers: act as the default would.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if self.stopping:
+            self.repeated = True
+            return
+        self.stopping = True
+        raise StopRequested(signum)
 
 
 def worker_count(settings: Settings) -> int:
@@ -133,7 +152,7 @@ def bind(settings: Settings, workers: int) -> list[list[socket.socket]]:
     ]
 
 
-def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str) -> int:
+def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str, signals: StopSignals) -> int:
     """Drain the workers: the runbook an operator would follow by hand, in code."""
     deadline = time.monotonic() + settings.shutdown_grace
     _log.info("shutting down", reason=reason, grace_seconds=settings.shutdown_grace)
@@ -142,10 +161,9 @@ def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str) 
             sock.close()  # the port refuses new connections once the workers close theirs too
     children = _children()
     _signal(children, signal.SIGTERM)
-    try:
-        _reap_until(deadline)
-    except StopRequested as again:
-        _log.warning("second signal: stopping workers at once", signal=str(again))
+    _reap_until(deadline, lambda: signals.repeated)
+    if signals.repeated:
+        _log.warning("second signal: stopping workers at once")
         return _kill_remaining()
     if _children():
         _log.warning("shutdown grace ran out: killing workers", grace_seconds=settings.shutdown_grace)
@@ -160,9 +178,9 @@ def _kill_remaining() -> int:
     return 1
 
 
-def _reap_until(deadline: float) -> None:
+def _reap_until(deadline: float, interrupted: Callable[[], bool] = lambda: False) -> None:
     """Collect exited workers, logging how each ended, until none is left or the deadline passes."""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not interrupted():
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
@@ -186,10 +204,8 @@ def _children() -> list[int]:
 
 def _signal(pids: list[int], signum: int) -> None:
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def _address(sock: socket.socket) -> str:

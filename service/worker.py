@@ -4,17 +4,19 @@ Everything that holds an event loop is created here, in the child: uvloop's loop
 IOLoop wrapper, the HTTP server on the inherited listening sockets, the tick bus. The drain, in
 order (each step is what an operator expects from a rolling update):
 
-1. /readyz turns 503 (and, after DRAIN_DELAY, the load balancer has noticed);
-2. this worker closes its listening sockets: once every holder has, new connections are refused;
-3. keep-alive is switched off, so each later response carries `Connection: close`;
-4. long polls get their answer now (204) and WebSockets get a close frame with 1001;
-5. in-flight requests finish, until the worker's share of SHUTDOWN_GRACE runs out;
-6. what is left is closed, and the worker exits 0.
+1. /readyz turns 503 and keep-alive is switched off, so each later response carries
+   `Connection: close` and clients reconnect (to another pod, once the balancer has noticed);
+2. after DRAIN_DELAY, this worker closes its listening sockets: once every holder has, new
+   connections are refused;
+3. long polls get their answer now (204) and WebSockets get a close frame with 1001;
+4. in-flight requests finish, until the worker's share of SHUTDOWN_GRACE runs out;
+5. what is left is closed, and the worker exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -49,7 +51,9 @@ def run(worker_id: int, sockets: list[socket.socket], settings: Settings, superv
     return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid))
 
 
-async def _serve(worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int) -> int:
+async def _serve(
+    worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int
+) -> int:
     loop = asyncio.get_running_loop()
     state = WorkerState(worker_id)
     ticker = Ticker(settings.tick_interval, worker_id)
@@ -101,11 +105,11 @@ async def drain(
     started = time.monotonic()
     deadline = started + drain_budget(settings.shutdown_grace)
     state.draining = True
+    server.stop_keep_alive()
     _log.info("draining", reason=reason, in_flight=state.in_flight, websockets=len(state.websockets))
     if settings.drain_delay:
         await asyncio.sleep(settings.drain_delay)
     server.stop()
-    server.stop_keep_alive()
     ticker.stop()
     polls = ticker.release_waiters()
     sockets = state.close_websockets(GOING_AWAY, "server shutting down")
@@ -115,10 +119,8 @@ async def drain(
     if state.busy:
         _log.warning("drain deadline reached, closing what is left",
                      in_flight=state.in_flight, websockets=len(state.websockets))
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(server.close_all_connections(), max(0.1, deadline - time.monotonic()))
-    except TimeoutError:
-        pass
     _log.info(
         "worker drained",
         released_polls=polls,

@@ -111,7 +111,7 @@ class BaseHandler(ServiceMixin, RequestHandler):
         except ValueError:
             value = float("nan")
         if not low <= value <= high:  # NaN fails this too
-            raise ApiError(400, f"query parameter '{name}' must be a number of seconds from {low:g} to {high:g}")
+            raise ApiError(400, f"query parameter '{name}' must be seconds from {low:g} to {high:g}")
         return value
 
 

@@ -1,0 +1,179 @@
+"""Fixtures that start the real service as a subprocess and read what an operator would read.
+
+`ServiceProcess` runs `python -m service` in a session of its own (so cleanup can reach every
+process it forked), on an OS-chosen free port of 127.0.0.1, and collects its stdout: every
+line must be a JSON object, and tests wait on those events ("listening", "worker started"...)
+rather than on sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+Event = dict[str, Any]
+
+
+class ServiceProcess:
+    def __init__(self, *args: str, workers: int = 2, env: dict[str, str] | None = None) -> None:
+        self.args = ["--port", "0", "--address", "127.0.0.1", "--workers", str(workers), *args]
+        self.workers = workers
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.events: list[Event] = []
+        self.bad_lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    # -- process ---------------------------------------------------------------------------
+    def start(self, timeout: float = 20.0) -> ServiceProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", *self.args],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+        listening = self.wait_for(lambda e: e.get("event") == "listening", timeout)
+        self.port = int(listening["port"])
+        self.wait_for(lambda _: len(self.live_workers()) >= self.workers, timeout)
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            try:
+                event = json.loads(line)
+                if not isinstance(event, dict):
+                    raise ValueError
+            except ValueError:
+                with self._changed:
+                    self.bad_lines.append(line)
+                    self._changed.notify_all()
+                continue
+            with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def tree(self) -> list[int]:
+        """PIDs of every process the service has forked (workers), still alive or zombie."""
+        try:
+            return [p.pid for p in psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self) -> None:
+        """Cleanup: SIGTERM, then SIGKILL the whole session if it lingers."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+    # -- log events ------------------------------------------------------------------------
+    def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 10.0, after: int = 0) -> Event:
+        """The first event (from index `after` on) matching `predicate`; fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for event in self.events[after:]:
+                    if predicate(event):
+                        return event
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    tail = "\n".join(json.dumps(e) for e in self.events[-15:])
+                    raise AssertionError(f"no matching log event within {timeout}s; last events:\n{tail}")
+                self._changed.wait(remaining)
+
+    def named(self, name: str) -> list[Event]:
+        with self._changed:
+            return [e for e in self.events if e.get("event") == name]
+
+    def live_workers(self) -> dict[int, int]:
+        """worker id -> pid of its latest start, for workers whose process is still running."""
+        latest: dict[int, int] = {}
+        for event in self.named("worker started"):
+            latest[int(event["worker"])] = int(event["pid"])
+        return {w: pid for w, pid in latest.items() if psutil.pid_exists(pid) and pid in self.tree()}
+
+    # -- HTTP ------------------------------------------------------------------------------
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def request(
+        self, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            conn.close()
+
+    def get_json(self, path: str, timeout: float = 10.0) -> tuple[int, Any]:
+        status, _, body = self.request(path, timeout=timeout)
+        return status, json.loads(body) if body else None
+
+
+@pytest.fixture
+def start_service() -> Iterator[Callable[..., ServiceProcess]]:
+    """Start a fresh service per test (for lifecycle tests that end it); always cleaned up."""
+    started: list[ServiceProcess] = []
+
+    def start(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> ServiceProcess:
+        service = ServiceProcess(*args, workers=workers, env=env)
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in started:
+        service.stop()
+        assert not service.bad_lines, f"non-JSON lines on stdout: {service.bad_lines[:5]}"
+
+
+@pytest.fixture(scope="module")
+def service() -> Iterator[ServiceProcess]:
+    """One 2-worker service shared by a module's read-only tests."""
+    svc = ServiceProcess("--tick-interval", "0.2", "--max-body-size", "4096", "--ws-max-message-size", "1024")
+    svc.start()
+    yield svc
+    svc.stop()
+    assert not svc.bad_lines, f"non-JSON lines on stdout: {svc.bad_lines[:5]}"

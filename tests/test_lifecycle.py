@@ -1,0 +1,230 @@
+"""The process model: restarts, drain on SIGTERM/SIGINT, forced stop, orphans, connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+import pytest
+import wsclient
+from conftest import ServiceProcess
+
+Start = Callable[..., ServiceProcess]
+
+
+def _gone(pids: list[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def _in_background(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    result: list[object] = []
+
+    def target() -> None:
+        try:
+            result.append(fn())
+        except Exception as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_sigkilled_worker_is_replaced_and_service_continues(start_service: Start) -> None:
+    svc = start_service()
+    before = svc.live_workers()
+    victim_id, victim_pid = next(iter(before.items()))
+    mark = len(svc.events)
+    os.kill(victim_pid, signal.SIGKILL)
+    restarted = svc.wait_for(
+        lambda e: e.get("event") == "worker started" and e["worker"] == victim_id, timeout=10, after=mark
+    )
+    assert restarted["pid"] != victim_pid
+    assert svc.wait_for(lambda e: "killed by signal 9" in str(e.get("event")), after=mark)
+    assert svc.live_workers() == {**before, victim_id: restarted["pid"]}
+    assert all(svc.request("/")[0] == 200 for _ in range(20))
+
+
+def test_worker_that_exits_cleanly_is_not_restarted(start_service: Start) -> None:
+    svc = start_service()
+    worker_id, pid = next(iter(svc.live_workers().items()))
+    mark = len(svc.events)
+    os.kill(pid, signal.SIGTERM)  # a worker alone drains and exits 0
+    svc.wait_for(lambda e: "exited normally" in str(e.get("event")), after=mark)
+    time.sleep(0.5)
+    assert worker_id not in svc.live_workers()
+    assert len(svc.live_workers()) == 1
+    assert svc.request("/")[0] == 200
+
+
+def test_crash_loop_is_bounded(start_service: Start) -> None:
+    svc = start_service("--max-restarts", "1")
+    worker_id, pid = next(iter(svc.live_workers().items()))
+    mark = len(svc.events)
+    os.kill(pid, signal.SIGKILL)
+    svc.wait_for(lambda e: e.get("event") == "worker started" and e["worker"] == worker_id, after=mark)
+    os.kill(svc.live_workers()[worker_id], signal.SIGKILL)  # the second restart is one too many
+    workers = svc.tree()
+    assert svc.wait(15) == 1
+    assert svc.wait_for(lambda e: e.get("event") == "crash loop: giving up")
+    assert _gone(workers, 5)
+
+
+def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: Start) -> None:
+    svc = start_service("--shutdown-grace", "6")
+    workers = svc.tree()
+    thread, result = _in_background(lambda: svc.get_json("/api/sleep?ms=2000", timeout=10))
+    time.sleep(0.5)  # the request is in flight
+    signalled = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    svc.wait_for(lambda e: e.get("event") == "shutting down")
+    time.sleep(0.3)
+    assert _refused(svc.port), "new connections must be refused while draining"
+    assert svc.wait(10) == 0
+    elapsed = time.monotonic() - signalled
+    thread.join(5)
+    status, body = result[0]  # type: ignore[misc]
+    assert status == 200 and body["slept_ms"] == 2000
+    assert elapsed < 6, f"took {elapsed:.1f}s, longer than the grace"
+    assert _gone(workers, 1)
+    assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
+
+
+def test_draining_worker_answers_not_ready(start_service: Start) -> None:
+    svc = start_service("--workers", "1", "--drain-delay", "1.5", "--shutdown-grace", "5", workers=1)
+    with socket.create_connection(("127.0.0.1", svc.port)) as sock:  # keep-alive connection, opened early
+        svc.signal(signal.SIGTERM)
+        svc.wait_for(lambda e: e.get("event") == "draining")
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = sock.recv(1000)
+    assert reply.startswith(b"HTTP/1.1 503")
+    assert b"Connection: close" in reply
+    assert svc.wait(10) == 0
+
+
+def test_websockets_and_long_polls_are_released_on_shutdown(start_service: Start) -> None:
+    svc = start_service("--shutdown-grace", "5", "--tick-interval", "60")
+    poll_thread, poll_result = _in_background(lambda: svc.request("/api/poll?timeout=30", timeout=20))
+
+    async def scenario() -> list[int | None]:
+        conns = [await wsclient.connect(svc.url(path, "ws")) for path in ("/ws/echo", "/ws/ticker") * 2]
+        await asyncio.sleep(0.3)
+        svc.signal(signal.SIGTERM)
+        await asyncio.gather(*(wsclient.read_until_closed(c, 10) for c in conns))
+        return [c.close_code for c in conns]
+
+    assert wsclient.run(scenario()) == [1001] * 4
+    poll_thread.join(10)
+    assert poll_result and poll_result[0][0] == 204  # type: ignore[index]
+    assert svc.wait(10) == 0
+
+
+def test_sigint_drains_like_sigterm(start_service: Start) -> None:
+    svc = start_service()
+    workers = svc.tree()
+    svc.signal(signal.SIGINT)
+    assert svc.wait(10) == 0
+    assert _gone(workers, 1)
+
+
+def test_process_group_signal_drains_once(start_service: Start) -> None:
+    """Ctrl-C in a terminal or `kill -TERM -PGID` reaches every process; still one clean drain."""
+    svc = start_service()
+    os.killpg(svc.pid, signal.SIGTERM)
+    assert svc.wait(10) == 0
+    exits = svc.named("worker exited")
+    assert [e.get("exit_code") for e in exits] == [0, 0], exits
+
+
+def test_second_signal_stops_at_once(start_service: Start) -> None:
+    svc = start_service("--shutdown-grace", "60")
+    workers = svc.tree()
+    _in_background(lambda: svc.request("/api/sleep?ms=30000", timeout=40))
+    time.sleep(0.3)
+    svc.signal(signal.SIGTERM)
+    svc.wait_for(lambda e: e.get("event") == "shutting down")
+    started = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(10) == 1
+    assert time.monotonic() - started < 5
+    assert _gone(workers, 2)
+    assert svc.wait_for(lambda e: e.get("event") == "second signal: stopping workers at once")
+
+
+def test_grace_running_out_ends_the_drain(start_service: Start) -> None:
+    svc = start_service("--shutdown-grace", "2")
+    workers = svc.tree()
+    thread, result = _in_background(lambda: svc.request("/api/sleep?ms=30000", timeout=40))
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    svc.signal(signal.SIGTERM)
+    svc.wait(10)
+    assert time.monotonic() - signalled < 3
+    assert _gone(workers, 1)
+    thread.join(5)
+    assert isinstance(result[0], Exception), "the cut request must fail, not hang"
+    assert svc.wait_for(lambda e: e.get("event") == "drain deadline reached, closing what is left")
+
+
+def test_orphaned_workers_drain_when_the_supervisor_dies(start_service: Start) -> None:
+    svc = start_service()
+    workers = svc.tree()
+    svc.signal(signal.SIGKILL)
+    assert _gone(workers, 5)
+    assert len(svc.named("worker drained")) == 2
+
+
+def test_connections_beyond_the_cap_are_refused_cleanly(start_service: Start) -> None:
+    svc = start_service("--max-connections", "3", workers=1)
+    held = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(3)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as extra:
+            reply = extra.recv(1000)
+        assert reply.startswith(b"HTTP/1.1 503"), reply
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    assert svc.request("/")[0] == 200  # the closed ones no longer count
+
+
+@pytest.mark.parametrize("reuse_port", [False, True])
+def test_worker_count_from_settings_and_port_sharing(start_service: Start, reuse_port: bool) -> None:
+    svc = start_service("--reuse-port" if reuse_port else "--no-reuse-port", workers=2)
+    count = svc.wait_for(lambda e: e.get("event") == "worker count")
+    assert count["workers"] == 2 and "WEB_CONCURRENCY" in count["reason"]
+    assert svc.get_json("/api/hello")[0] == 200
+
+
+def test_worker_count_defaults_to_usable_cpus(start_service: Start) -> None:
+    svc = ServiceProcess(workers=1)
+    svc.args.remove("--workers")
+    svc.args.remove("1")
+    svc.workers = 1
+    try:
+        svc.start()
+        count = svc.wait_for(lambda e: e.get("event") == "worker count")
+        assert count["workers"] == min(len(os.sched_getaffinity(0)), os.cpu_count() or 1)
+        assert count["reason"]
+    finally:
+        svc.stop()
