@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +30,10 @@ Event = dict[str, Any]
 
 
 class ServiceProcess:
-    def __init__(self, *args: str, workers: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, workers: int = 2, env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> None:
+        self.prefix = prefix or []
         self.args = ["--port", "0", "--address", "127.0.0.1", "--workers", str(workers), *args]
         self.workers = workers
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -42,7 +46,7 @@ class ServiceProcess:
     # -- process ---------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", *self.args],
+            [*self.prefix, sys.executable, "-m", "service", *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -53,7 +57,8 @@ class ServiceProcess:
         threading.Thread(target=self._read, daemon=True).start()
         listening = self.wait_for(lambda e: e.get("event") == "listening", timeout)
         self.port = int(listening["port"])
-        self.wait_for(lambda _: len(self.live_workers()) >= self.workers, timeout)
+        self.wait_for(lambda _: len({e["worker"] for e in self.named("worker started")}) >= self.workers,
+                      timeout)
         return self
 
     def _read(self) -> None:
@@ -153,13 +158,26 @@ class ServiceProcess:
         return status, json.loads(body) if body else None
 
 
+def require_tool(name: str) -> str:
+    """The tool's path; a missing tool skips the test on a laptop but fails it in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make test installs it)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
 @pytest.fixture
 def start_service() -> Iterator[Callable[..., ServiceProcess]]:
     """Start a fresh service per test (for lifecycle tests that end it); always cleaned up."""
     started: list[ServiceProcess] = []
 
-    def start(*args: str, workers: int = 2, env: dict[str, str] | None = None) -> ServiceProcess:
-        service = ServiceProcess(*args, workers=workers, env=env)
+    def start(
+        *args: str, workers: int = 2, env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> ServiceProcess:
+        service = ServiceProcess(*args, workers=workers, env=env, prefix=prefix)
         started.append(service)
         return service.start()
 

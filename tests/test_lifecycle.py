@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 import wsclient
-from conftest import ServiceProcess
+from conftest import ServiceProcess, require_tool
 
 Start = Callable[..., ServiceProcess]
 
@@ -228,3 +228,19 @@ def test_worker_count_defaults_to_usable_cpus(start_service: Start) -> None:
         assert count["reason"]
     finally:
         svc.stop()
+
+
+def test_drains_as_pid_1_of_a_pid_namespace(start_service: Start) -> None:
+    """As in a container: PID 1 gets no default SIGTERM action, only the handlers it installs."""
+    unshare = require_tool("unshare")
+    svc = start_service(prefix=[unshare, "--pid", "--fork", "--mount-proc", "--kill-child"])
+    started = svc.named("worker started")
+    assert {e["pid"] for e in svc.named("listening")} == {1}
+    assert svc.get_json("/api/hello")[0] == 200
+    [pid_1] = psutil.Process(svc.pid).children()
+    workers = svc.tree()
+    pid_1.send_signal(signal.SIGTERM)
+    assert svc.wait(10) == 0
+    assert _gone(workers, 1)
+    assert len(svc.named("worker exited")) == len(started)
+    assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
