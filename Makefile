@@ -4,8 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-# Debian packages the test suite needs (later issues add nginx, prometheus, podman...).
-TEST_DEBS := python3-venv procps
+# Debian packages the test suite needs (unshare for the PID 1 test; later: nginx, prometheus...).
+TEST_DEBS := util-linux
 
 .PHONY: run test lint typecheck unit clean
 
