@@ -4,36 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from tornado.web import Application, RequestHandler, url
+from tornado.web import Application, url
 
-from service import logs
+from service import metrics
+from service import ticker as ticker_module
+from service.access import request_observer
 from service.config import Settings
 from service.handlers.base import NotFoundHandler
 from service.handlers.health import HealthzHandler, ReadyzHandler
 from service.handlers.hello import ApiHelloHandler, HelloHandler
+from service.handlers.scrape import MetricsHandler
 from service.handlers.sockets import EchoSocket, TickerSocket
 from service.handlers.work import ComputeHandler, PollHandler, SleepHandler
 from service.state import WorkerState
 from service.ticker import Ticker
-
-_access = logs.get_logger("access")
-
-
-def access_log(handler: RequestHandler) -> None:
-    """One structured line per finished request (Tornado's `log_function` hook)."""
-    request = handler.request
-    status = handler.get_status()
-    log = _access.info if status < 400 else _access.warning if status < 500 else _access.error
-    log(
-        "request",
-        method=request.method,
-        path=request.path,
-        handler=type(handler).__name__,
-        status=status,
-        duration_ms=round(request.request_time() * 1000.0, 3),
-        client_ip=request.remote_ip,
-        user_agent=request.headers.get("User-Agent", ""),
-    )
 
 
 class ServiceApp(Application):
@@ -42,21 +26,27 @@ class ServiceApp(Application):
     def __init__(self, settings: Settings, state: WorkerState, ticker: Ticker, **extra: Any) -> None:
         self.state = state
         self.ticker = ticker
+        self.render_metrics = metrics.renderer()
         routes = [
-            url(r"/", HelloHandler, name="hello"),
-            url(r"/api/hello", ApiHelloHandler, name="api_hello"),
-            url(r"/api/sleep", SleepHandler, name="api_sleep"),
-            url(r"/api/compute", ComputeHandler, name="api_compute"),
-            url(r"/api/poll", PollHandler, name="api_poll"),
-            url(r"/ws/echo", EchoSocket, name="ws_echo"),
-            url(r"/ws/ticker", TickerSocket, name="ws_ticker"),
-            url(r"/healthz", HealthzHandler, name="healthz"),
-            url(r"/readyz", ReadyzHandler, name="readyz"),
+            url(pattern, handler, {"route": name}, name=name)
+            for pattern, handler, name in (
+                (r"/", HelloHandler, "hello"),
+                (r"/api/hello", ApiHelloHandler, "api_hello"),
+                (r"/api/sleep", SleepHandler, "api_sleep"),
+                (r"/api/compute", ComputeHandler, "api_compute"),
+                (r"/api/poll", PollHandler, "api_poll"),
+                (r"/ws/echo", EchoSocket, "ws_echo"),
+                (r"/ws/ticker", TickerSocket, ticker_module.ROUTE),
+                (r"/healthz", HealthzHandler, "healthz"),
+                (r"/readyz", ReadyzHandler, "readyz"),
+                (r"/metrics", MetricsHandler, "metrics"),
+            )
         ]
         super().__init__(
             routes,
             default_handler_class=NotFoundHandler,
-            log_function=access_log,
+            default_handler_args={"route": "not_found"},
+            log_function=request_observer(settings.access_log, settings.access_log_sample),
             websocket_max_message_size=settings.ws_max_message_size,
             websocket_ping_interval=settings.ws_ping_interval or None,
             debug=False,

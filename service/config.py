@@ -37,6 +37,8 @@ class Settings:
     tick_interval: float = 1.0
     log_level: str = "info"
     log_format: str = "json"
+    access_log: bool = True
+    access_log_sample: float = 1.0
     max_body_size: int = 1024 * 1024
     max_header_size: int = 64 * 1024
     idle_timeout: float = 60.0
@@ -77,6 +79,16 @@ def _seconds(low: float, *, above: bool = False, high: float = 86_400.0) -> Call
         return value
 
     return parse
+
+
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError("not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise SettingError("must be from 0 to 1")
+    return value
 
 
 def _workers(raw: str) -> int | None:
@@ -156,6 +168,13 @@ OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("log_level", "LOG_LEVEL", _choice(LOG_LEVELS), "lowest log level written"),
     _Option("log_format", "LOG_FORMAT", _choice(LOG_FORMATS), "json (one event per line) or console"),
+    _Option("access_log", "ACCESS_LOG", _boolean, "write one JSON line per request (5xx always)"),
+    _Option(
+        "access_log_sample",
+        "ACCESS_LOG_SAMPLE",
+        _fraction,
+        "fraction of requests below 500 that get an access line (1: all, 0.01: one in a hundred)",
+    ),
     _Option("max_body_size", "MAX_BODY_SIZE", _int_in(0), "largest request body accepted, in bytes"),
     _Option("max_header_size", "MAX_HEADER_SIZE", _int_in(1024), "largest request head, in bytes"),
     _Option(

@@ -10,6 +10,7 @@ here, on the streams themselves (a stream that closed is pruned when the count i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tornado.httpserver import HTTPServer
@@ -23,10 +24,13 @@ _REFUSAL = (
 
 
 class LimitedHTTPServer(HTTPServer):
-    def initialize(self, *args: Any, max_connections: int = 10_000, **kwargs: Any) -> None:
+    def initialize(
+        self, *args: Any, max_connections: int = 10_000, on_refuse: Callable[[], None] = lambda: None,
+        **kwargs: Any,
+    ) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections
-        self.refused = 0
+        self.on_refuse = on_refuse
         self._streams: set[IOStream] = set()
 
     def open_connections(self) -> int:
@@ -40,7 +44,7 @@ class LimitedHTTPServer(HTTPServer):
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if len(self._streams) >= self.max_connections and self.open_connections() >= self.max_connections:
-            self.refused += 1
+            self.on_refuse()
             stream.write(_REFUSAL).add_done_callback(lambda _: stream.close())
             return
         self._streams.add(stream)

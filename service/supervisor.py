@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import resource
 import signal
@@ -31,12 +32,13 @@ import sys
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import ClassVar, cast
 
 import psutil
 from tornado.netutil import bind_sockets
 from tornado.process import fork_processes
 
-from service import __version__, logs, worker
+from service import __version__, logs, metrics, worker
 from service.config import Settings, describe
 from service.cpus import cpu_budget
 
@@ -61,7 +63,9 @@ def run(settings: Settings) -> int:
     _log.info("listening", addresses=[_address(s) for s in slots[0]], port=slots[0][0].getsockname()[1],
               reuse_port=settings.reuse_port, backlog=settings.backlog)
 
+    metrics.BUILD_INFO.labels(**version_info(), workers=str(workers)).set(1)
     signals = StopSignals(os.getpid())
+    logging.getLogger("tornado.general").addFilter(ForkEvents(signals.supervisor_pid))
     try:
         worker_id = fork_processes(workers, max_restarts=settings.max_restarts)
     except StopRequested as stop:
@@ -81,7 +85,10 @@ def run(settings: Settings) -> int:
         if slot is not mine:
             for sock in slot:
                 sock.close()
-    return worker.run(worker_id, mine, settings, signals.supervisor_pid)
+    code = worker.run(worker_id, mine, settings, signals.supervisor_pid)
+    # Leave without the parent's exit path (atexit hooks, the metrics directory's removal).
+    sys.stdout.flush()
+    os._exit(code)
 
 
 class StopSignals:
@@ -110,6 +117,57 @@ class StopSignals:
             return
         self.stopping = True
         raise StopRequested(signum)
+
+
+class ForkEvents(logging.Filter):
+    """fork_processes reports its children's deaths as text; turn those into structured events.
+
+    Each record's arguments are (worker id, pid, signal or status), so nothing is parsed: the
+    filter matches Tornado's format strings, does the bookkeeping a death implies (the worker's
+    live gauges stop counting, a restart is counted) and logs a JSON event in place of the line.
+    """
+
+    KILLED = "child %d (pid %d) killed by signal %d, restarting"
+    FAILED = "child %d (pid %d) exited with status %d, restarting"
+    CLEAN = "child %d (pid %d) exited normally"
+    STARTING = "Starting %d processes"
+
+    def __init__(self, supervisor_pid: int) -> None:
+        super().__init__()
+        self.supervisor_pid = supervisor_pid
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False when the record was replaced by a structured event; True lets it through as is."""
+        if os.getpid() != self.supervisor_pid or record.msg not in self._HANDLED:
+            return True
+        try:
+            args = [int(cast(int, arg)) for arg in cast(tuple[object, ...], record.args)]
+            self._HANDLED[record.msg](self, *args)
+        except Exception:  # never let bookkeeping break fork_processes' loop: keep Tornado's line
+            return True
+        return False
+
+    def _starting(self, workers: int) -> None:
+        _log.info("forking workers", workers=workers)
+
+    def _clean_exit(self, worker_id: int, pid: int) -> None:
+        metrics.mark_dead(pid)
+        _log.info("worker exited", worker=worker_id, worker_pid=pid, exit_code=0, restart=False)
+
+    def _killed(self, worker_id: int, pid: int, signum: int) -> None:
+        self._restarting(worker_id, pid, signal=signal.Signals(signum).name)
+
+    def _failed(self, worker_id: int, pid: int, status: int) -> None:
+        self._restarting(worker_id, pid, exit_code=status)
+
+    def _restarting(self, worker_id: int, pid: int, **cause: object) -> None:
+        metrics.mark_dead(pid)
+        metrics.WORKER_RESTARTS.labels(str(worker_id)).inc()
+        _log.warning("worker died, restarting", worker=worker_id, worker_pid=pid, **cause)
+
+    _HANDLED: ClassVar[dict[str, Callable[..., None]]] = {
+        STARTING: _starting, CLEAN: _clean_exit, KILLED: _killed, FAILED: _failed,
+    }
 
 
 def worker_count(settings: Settings) -> int:
@@ -188,6 +246,7 @@ def _reap_until(deadline: float, interrupted: Callable[[], bool] = lambda: False
         if pid == 0:
             time.sleep(0.02)
             continue
+        metrics.mark_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
             _log.warning("worker exited", worker_pid=pid, signal=signal.Signals(-code).name)

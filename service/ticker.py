@@ -14,7 +14,10 @@ from collections.abc import Callable
 import orjson
 from tornado.ioloop import PeriodicCallback
 
+from service import metrics
+
 Subscriber = Callable[[str], None]
+ROUTE = "ws_ticker"  # the route whose sockets subscribe; the label of the messages counted here
 
 
 class Ticker:
@@ -68,4 +71,6 @@ class Ticker:
         ).decode()
         for subscriber in list(self._subscribers):
             subscriber(payload)
+        if self._subscribers:
+            metrics.WEBSOCKET_MESSAGES.labels(ROUTE, "out").inc(len(self._subscribers))
         self._resolve(payload)

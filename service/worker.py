@@ -22,12 +22,14 @@ import signal
 import socket
 import time
 
+import psutil
 import uvloop
 from tornado.ioloop import PeriodicCallback
 
-from service import logs
+from service import logs, metrics
 from service.app import ServiceApp
 from service.config import Settings
+from service.looplag import LoopLagMonitor
 from service.server import LimitedHTTPServer
 from service.state import WorkerState
 from service.ticker import Ticker
@@ -56,6 +58,7 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     state = WorkerState(worker_id)
+    label = str(worker_id)
     ticker = Ticker(settings.tick_interval, worker_id)
     server = LimitedHTTPServer(
         ServiceApp(settings, state, ticker),
@@ -65,6 +68,7 @@ async def _serve(
         idle_connection_timeout=settings.idle_timeout,
         body_timeout=settings.body_timeout,
         max_connections=settings.max_connections,
+        on_refuse=metrics.CONNECTIONS_REFUSED.labels(label).inc,
     )
     server.add_sockets(sockets)
 
@@ -78,20 +82,29 @@ async def _serve(
 
     loop.add_signal_handler(signal.SIGTERM, request_stop, "SIGTERM")
 
-    def watch_supervisor() -> None:
-        """An orphaned worker (its supervisor SIGKILLed) drains instead of serving forever."""
-        if os.getppid() != supervisor_pid:
+    process = psutil.Process()
+
+    def housekeeping() -> None:
+        """Once a second: refresh the sampled gauges, and notice if this worker was orphaned."""
+        metrics.CONNECTIONS.labels(label).set(server.open_connections())
+        metrics.sample_process(label, process)
+        if os.getppid() != supervisor_pid:  # the supervisor was SIGKILLed: drain, don't serve forever
             request_stop("supervisor gone")
 
-    watchdog = PeriodicCallback(watch_supervisor, 1000.0)
-    watchdog.start()
+    housekeeper = PeriodicCallback(housekeeping, 1000.0)
+    housekeeper.start()
+    lag = LoopLagMonitor(metrics.LOOP_LAG.labels(label))
+    lag.start()
     ticker.start()
+    metrics.WORKERS_ALIVE.set(1)
+    housekeeping()
     state.ready = True
     _log.info("worker started", connections_cap=settings.max_connections)
 
     await stop.wait()
     await drain(server, state, ticker, settings, reason[0])
-    watchdog.stop()
+    housekeeper.stop()
+    lag.stop()
     # Drained: a late SIGTERM (say, the whole process group signalled as well as the supervisor's
     # forward) must not turn this clean exit into a death by signal once the loop closes.
     loop.remove_signal_handler(signal.SIGTERM)

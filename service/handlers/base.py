@@ -1,19 +1,29 @@
-"""What every HTTP handler shares: JSON bodies, JSON errors, worker identity, in-flight tracking.
+"""What every handler shares: route label, request id, JSON bodies and errors, in-flight tracking.
 
-Built on Tornado's documented hooks (`prepare`, `on_finish`, `write_error`,
-`set_default_headers`) rather than on anything private, so an upgrade of Tornado keeps working.
+Built on Tornado's documented hooks (`initialize`, `prepare`, `on_finish`, `write_error`,
+`set_default_headers`, `log_exception`, `compute_etag`) rather than on anything private, so an
+upgrade of Tornado keeps working.
 """
 
 from __future__ import annotations
 
 import http
+import re
+import uuid
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
+import structlog
+from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler
+
+from service import metrics
 
 if TYPE_CHECKING:
     from service.app import ServiceApp
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 
 
 class ApiError(HTTPError):
@@ -36,21 +46,39 @@ def error_body(status_code: int, exc_info: Any = None) -> dict[str, Any]:
     return {"error": message, "status": status_code}
 
 
-class ServiceMixin:
-    """Identity headers and JSON errors, for HTTP handlers and WebSocket handlers alike."""
+class ServiceHandler(RequestHandler):
+    """Identity headers, request ids and JSON errors, for HTTP and WebSocket handlers alike."""
 
-    application: Any
+    route = "not_found"
+    response_bytes = 0
+
+    def initialize(self, route: str = "not_found") -> None:
+        self.route = route
 
     @property
     def app(self) -> ServiceApp:
         return cast("ServiceApp", self.application)
 
+    @property
+    def request_id(self) -> str:
+        """The client's (Nginx's) X-Request-ID when it is sane, else a fresh one; fixed per request."""
+        rid: str | None = getattr(self, "_request_id", None)
+        if rid is None:
+            given = self.request.headers.get(REQUEST_ID_HEADER, "")
+            rid = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            self._request_id = rid
+        return rid
+
     def set_default_headers(self) -> None:
-        handler = cast(RequestHandler, self)
-        handler.clear_header("Server")
+        self.clear_header("Server")
         state = self.app.state
-        handler.set_header("X-Worker-Id", str(state.worker_id))
-        handler.set_header("X-Worker-PID", str(state.pid))
+        self.set_header("X-Worker-Id", str(state.worker_id))
+        self.set_header("X-Worker-PID", str(state.pid))
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+
+    def prepare(self) -> None:
+        """Every log line written while handling this request carries its id."""
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
 
     def compute_etag(self) -> str | None:
         """No ETag: hashing every body costs more than these small, changing answers gain."""
@@ -59,34 +87,41 @@ class ServiceMixin:
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """ApiErrors are the client's mistake and already in the access line; log the rest."""
         if not isinstance(value, ApiError):
-            RequestHandler.log_exception(cast(RequestHandler, self), typ, value, tb)
+            super().log_exception(typ, value, tb)
+
+    def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Any:
+        """Counts the body's bytes for the access log (every handler here answers through finish)."""
+        if isinstance(chunk, str | bytes):
+            self.response_bytes += len(utf8(chunk))
+        return super().finish(chunk)
 
     def write_json(self, body: Any, status: int = 200) -> None:
-        handler = cast(RequestHandler, self)
-        handler.set_status(status)
-        handler.set_header("Content-Type", "application/json")
-        handler.finish(orjson.dumps(body))
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(body))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error is a small JSON body; no traceback ever reaches a client."""
-        handler = cast(RequestHandler, self)
-        handler.set_header("Content-Type", "application/json")
-        handler.finish(orjson.dumps(error_body(status_code, kwargs.get("exc_info"))))
+        self.set_header("Content-Type", "application/json")
+        self.finish(orjson.dumps(error_body(status_code, kwargs.get("exc_info"))))
 
 
-class BaseHandler(ServiceMixin, RequestHandler):
+class BaseHandler(ServiceHandler):
     """An HTTP handler counted as in flight from `prepare` to `on_finish` (what the drain waits for)."""
 
     _counted = False
 
     def prepare(self) -> None:
+        super().prepare()
         self.app.state.request_started()
+        metrics.IN_PROGRESS.inc()
         self._counted = True
 
     def on_finish(self) -> None:
         if self._counted:
             self._counted = False
             self.app.state.request_finished()
+            metrics.IN_PROGRESS.dec()
 
     def int_arg(self, name: str, low: int, high: int, default: int | None = None) -> int:
         raw = self.get_query_argument(name, None)

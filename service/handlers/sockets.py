@@ -10,7 +10,8 @@ from asyncio import Future
 
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from service.handlers.base import ApiError, ServiceMixin
+from service import metrics
+from service.handlers.base import ApiError, ServiceHandler
 
 
 def _retrieve(future: Future[None]) -> None:
@@ -19,16 +20,20 @@ def _retrieve(future: Future[None]) -> None:
         future.exception()
 
 
-class TrackedSocket(ServiceMixin, WebSocketHandler):
+class TrackedSocket(ServiceHandler, WebSocketHandler):
     def prepare(self) -> None:
+        super().prepare()
         if self.app.state.draining:
             raise ApiError(503, "server is shutting down")
 
     def open(self, *args: str, **kwargs: str) -> None:
         self.app.state.websockets.add(self)
+        metrics.WEBSOCKETS.labels(self.route).inc()
 
     def on_close(self) -> None:
-        self.app.state.websockets.discard(self)
+        if self in self.app.state.websockets:
+            self.app.state.websockets.discard(self)
+            metrics.WEBSOCKETS.labels(self.route).dec()
 
     def send(self, message: str | bytes) -> None:
         try:
@@ -40,16 +45,22 @@ class TrackedSocket(ServiceMixin, WebSocketHandler):
 
 class EchoSocket(TrackedSocket):
     def on_message(self, message: str | bytes) -> None:
+        counter = metrics.WEBSOCKET_MESSAGES
+        counter.labels(self.route, "in").inc()
         self.send(message)
+        counter.labels(self.route, "out").inc()
 
 
 class TickerSocket(TrackedSocket):
+    """Pushes ticks; the tick bus counts them (once per tick, not once per socket)."""
+
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
         self.app.ticker.subscribe(self.send)
 
     def on_message(self, message: str | bytes) -> None:
-        """Clients only listen; anything they send is ignored."""
+        """Clients only listen; what they send is counted and otherwise ignored."""
+        metrics.WEBSOCKET_MESSAGES.labels(self.route, "in").inc()
 
     def on_close(self) -> None:
         self.app.ticker.unsubscribe(self.send)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from service import metrics
 from service.handlers.base import BaseHandler
 
 SLEEP_MAX_MS = 60_000
@@ -57,10 +58,13 @@ class PollHandler(BaseHandler):
         event: str | None = None
         if not app.state.draining:
             self._waiter = app.ticker.next_event()
+            metrics.LONG_POLLS.inc()
             try:
                 event = await asyncio.wait_for(self._waiter, timeout)
             except TimeoutError:
                 event = None
+            finally:
+                metrics.LONG_POLLS.dec()
         if event is None:
             self.set_status(204)
             self.finish()

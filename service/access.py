@@ -1,0 +1,48 @@
+"""What happens when a request finishes: its metrics, and its access line (Tornado's `log_function`).
+
+Counting is done for every request; the access line can be sampled (ACCESS_LOG_SAMPLE) or
+switched off (ACCESS_LOG=false) for very high loads, except that server errors (5xx) are
+always written, since those are the lines someone will look for.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from tornado.web import RequestHandler
+
+from service import logs, metrics
+from service.handlers.base import ServiceHandler
+
+_log = logs.get_logger("access")
+
+
+def request_observer(enabled: bool, sample: float) -> Callable[[RequestHandler], None]:
+    writes_all = enabled and sample >= 1.0
+
+    def observe(handler: RequestHandler) -> None:
+        request = handler.request
+        status = handler.get_status()
+        route = handler.route if isinstance(handler, ServiceHandler) else "not_found"
+        method = metrics.method_label(request.method)
+        duration = request.request_time()
+        metrics.REQUESTS.labels(method, route, str(status)).inc()
+        metrics.DURATION.labels(method, route).observe(duration)
+        if not (writes_all or status >= 500 or (enabled and random.random() < sample)):
+            return
+        log = _log.info if status < 400 else _log.warning if status < 500 else _log.error
+        log(
+            "request",
+            method=request.method,
+            path=request.path,
+            handler=route,
+            status=status,
+            duration_ms=round(duration * 1000.0, 3),
+            bytes=getattr(handler, "response_bytes", 0),
+            request_id=getattr(handler, "request_id", None),
+            client_ip=request.remote_ip,
+            user_agent=request.headers.get("User-Agent", ""),
+        )
+
+    return observe
