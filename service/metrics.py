@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -100,8 +100,12 @@ def sample_process(worker: str, process: psutil.Process) -> None:
 
 def renderer() -> Callable[[str | None], tuple[bytes, str]]:
     """A function from an Accept header to (body, content type), summing every process's files."""
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)
+    else:  # one process, no directory (an embedded app, a test): the default registry has it all
+        registry = REGISTRY
 
     def render(accept: str | None) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept or "")

@@ -16,7 +16,9 @@ Read top to bottom, `run` is the whole life of the parent process:
 
 `fork_processes` knows nothing of shutting down: left running, it would restart a worker that
 was killed while draining. Leaving it is what makes the shutdown final; no worker is forked
-after the parent stops.
+after the parent stops. The price of leaving by exception: a worker that fork_processes reaps
+at the very instant the signal lands (it exited on its own, say from a process-group signal)
+is not logged by it; the shutdown reaps and logs every other one.
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ class ServiceProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         listening = self.wait_for(lambda e: e.get("event") == "listening", timeout)
         self.port = int(listening["port"])
         self.wait_for(lambda _: len({e["worker"] for e in self.named("worker started")}) >= self.workers,
@@ -87,8 +88,11 @@ class ServiceProcess:
         os.kill(self.pid, signum)
 
     def wait(self, timeout: float) -> int:
+        """The exit code, once the process has exited and every line it wrote has been read."""
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
 
     def tree(self) -> list[int]:
         """PIDs of every process the service has forked (workers), still alive or zombie."""

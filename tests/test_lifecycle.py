@@ -150,10 +150,15 @@ def test_sigint_drains_like_sigterm(start_service: Start) -> None:
 def test_process_group_signal_drains_once(start_service: Start) -> None:
     """Ctrl-C in a terminal or `kill -TERM -PGID` reaches every process; still one clean drain."""
     svc = start_service()
+    workers = svc.tree()
     os.killpg(svc.pid, signal.SIGTERM)
     assert svc.wait(10) == 0
-    exits = svc.named("worker exited")
-    assert [e.get("exit_code") for e in exits] == [0, 0], exits
+    assert _gone(workers, 1)
+    # A worker reaped inside fork_processes at the instant the signal lands may go unlogged;
+    # every exit that is logged is clean, each worker drained once, and none was restarted.
+    assert all(e.get("exit_code") == 0 for e in svc.named("worker exited"))
+    assert sorted(e["worker"] for e in svc.named("worker drained")) == [0, 1]
+    assert not svc.named("worker died, restarting")
 
 
 def test_second_signal_stops_at_once(start_service: Start) -> None:

@@ -1,0 +1,118 @@
+"""Settings from flags and an explicit environment dict: defaults, parsing, precedence, errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.config import OPTIONS, Settings, load
+
+
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[str, str]) -> str:
+    """Run load() expecting a usage error (exit 2); return what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exited:
+        load(argv, environ)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_defaults_with_no_flags_and_an_empty_environment() -> None:
+    settings = load([], {})
+
+    assert settings == Settings()
+    assert settings.port == 8888
+    assert settings.workers is None
+    assert settings.log_level == "info"
+    assert settings.log_format == "json"
+
+
+@pytest.mark.parametrize(
+    ("environ", "field", "expected"),
+    [
+        ({"PORT": "9000"}, "port", 9000),
+        ({"PORT": "0"}, "port", 0),
+        ({"WEB_CONCURRENCY": "4"}, "workers", 4),
+        ({"WEB_CONCURRENCY": "auto"}, "workers", None),
+        ({"WEB_CONCURRENCY": "AUTO"}, "workers", None),
+        ({"WEB_CONCURRENCY": ""}, "workers", None),
+        ({"SHUTDOWN_GRACE": "5.5"}, "shutdown_grace", 5.5),
+        ({"TICK_INTERVAL": "0.25"}, "tick_interval", 0.25),
+        ({"LOG_LEVEL": "debug"}, "log_level", "debug"),
+        ({"LOG_LEVEL": "WARNING"}, "log_level", "warning"),
+        ({"LOG_FORMAT": "console"}, "log_format", "console"),
+        ({"REUSE_PORT": "true"}, "reuse_port", True),
+        ({"REUSE_PORT": "1"}, "reuse_port", True),
+        ({"REUSE_PORT": "false"}, "reuse_port", False),
+        ({"REUSE_PORT": "off"}, "reuse_port", False),
+    ],
+)
+def test_environment_values_are_parsed(environ: dict[str, str], field: str, expected: Any) -> None:
+    assert getattr(load([], environ), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "field", "expected"),
+    [
+        (["--port", "9001"], {"PORT": "9000"}, "port", 9001),
+        (["--workers", "3"], {"WEB_CONCURRENCY": "5"}, "workers", 3),
+        (["--workers", "auto"], {"WEB_CONCURRENCY": "5"}, "workers", None),
+        (["--log-level", "error"], {"LOG_LEVEL": "debug"}, "log_level", "error"),
+        (["--shutdown-grace", "7"], {"SHUTDOWN_GRACE": "30"}, "shutdown_grace", 7.0),
+        (["--reuse-port"], {"REUSE_PORT": "false"}, "reuse_port", True),
+        (["--no-reuse-port"], {"REUSE_PORT": "true"}, "reuse_port", False),
+        (["--port", "9001"], {"PORT": "not-a-port"}, "port", 9001),  # the overridden variable is not read
+    ],
+)
+def test_a_flag_wins_over_its_variable(
+    argv: list[str], environ: dict[str, str], field: str, expected: Any
+) -> None:
+    assert getattr(load(argv, environ), field) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "env_name", "flag"),
+    [
+        ([], {"PORT": "70000"}, "PORT", "--port"),
+        (["--port", "70000"], {}, "PORT", "--port"),
+        ([], {"PORT": "http"}, "PORT", "--port"),
+        ([], {"WEB_CONCURRENCY": "-3"}, "WEB_CONCURRENCY", "--workers"),
+        (["--workers", "0"], {}, "WEB_CONCURRENCY", "--workers"),
+        ([], {"LOG_LEVEL": "verbose"}, "LOG_LEVEL", "--log-level"),
+        ([], {"LOG_FORMAT": "xml"}, "LOG_FORMAT", "--log-format"),
+        ([], {"REUSE_PORT": "maybe"}, "REUSE_PORT", "--reuse-port"),
+        ([], {"SHUTDOWN_GRACE": "0"}, "SHUTDOWN_GRACE", "--shutdown-grace"),
+        ([], {"SHUTDOWN_GRACE": "abc"}, "SHUTDOWN_GRACE", "--shutdown-grace"),
+        ([], {"TICK_INTERVAL": "nan"}, "TICK_INTERVAL", "--tick-interval"),
+        ([], {"TICK_INTERVAL": "inf"}, "TICK_INTERVAL", "--tick-interval"),
+        ([], {"DRAIN_DELAY": "20"}, "DRAIN_DELAY", "--drain-delay"),  # equal to the default grace
+        ([], {"DRAIN_DELAY": "10", "SHUTDOWN_GRACE": "5"}, "DRAIN_DELAY", "--drain-delay"),
+        (["--drain-delay", "6"], {"SHUTDOWN_GRACE": "5"}, "DRAIN_DELAY", "--drain-delay"),
+    ],
+)
+def test_invalid_values_exit_2_naming_the_setting(
+    capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[str, str], env_name: str, flag: str
+) -> None:
+    err = _fails(capsys, argv, environ)
+
+    assert env_name in err
+    assert flag in err
+
+
+def test_drain_delay_shorter_than_grace_is_accepted() -> None:
+    settings = load([], {"DRAIN_DELAY": "4.9", "SHUTDOWN_GRACE": "5"})
+
+    assert (settings.drain_delay, settings.shutdown_grace) == (4.9, 5.0)
+
+
+def test_help_mentions_every_variable_and_exits_0(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps to the terminal width; make it fixed
+    with pytest.raises(SystemExit) as exited:
+        load(["--help"], {})
+
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    missing = [opt.env for opt in OPTIONS if opt.env not in out or opt.cli not in out]
+    assert not missing, f"--help does not mention {missing}"

@@ -1,0 +1,196 @@
+"""Metrics summed over every worker, and the logs that let one request be followed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import wsclient
+from conftest import ServiceProcess
+from metrics_client import Scrape, eventually, scrape
+
+Start = Callable[..., ServiceProcess]
+
+
+def test_request_counts_sum_over_workers_whichever_answers(start_service: Start) -> None:
+    svc = start_service()
+    n = 40
+    answered_by = {svc.request("/api/hello")[1]["x-worker-id"] for _ in range(n)}
+    assert len(answered_by) == 2, "requests should have been spread over both workers"
+    seen: set[str] = set()
+    for _ in range(50):
+        result = scrape(svc)
+        assert result.total("http_requests_total", handler="api_hello", code="200", method="GET") == n
+        seen.add(result.worker)
+        if len(seen) == 2:
+            break
+    assert seen == {"0", "1"}, "every worker must be able to answer /metrics"
+    assert result.total("http_request_duration_seconds_count", handler="api_hello") == n
+
+
+def test_unknown_paths_share_one_label(start_service: Start) -> None:
+    svc = start_service()
+    for path in ("/a", "/b/c", "/wp-login.php"):
+        svc.request(path)
+    svc.request("/api/hello", method="FROB")
+    result = scrape(svc)
+    assert result.total("http_requests_total", handler="not_found", code="404") == 3
+    assert result.total("http_requests_total", handler="api_hello", method="other", code="405") == 1
+    handlers = {labels["handler"] for labels in result.series("http_requests_total")}
+    assert handlers <= {"not_found", "api_hello", "metrics"}
+
+
+def test_in_progress_rises_during_sleep_and_falls_after(start_service: Start) -> None:
+    svc = start_service()
+    threads = [threading.Thread(target=svc.request, args=("/api/sleep?ms=1500",)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    during = eventually(svc, lambda s: s.total("http_requests_in_progress") == 4)  # 3 sleeps + this scrape
+    for thread in threads:
+        thread.join()
+    after = scrape(svc)
+    assert during.total("http_requests_in_progress") == 4
+    assert after.total("http_requests_in_progress") == 1  # the scrape itself
+
+
+def test_websocket_gauge_follows_clients(start_service: Start) -> None:
+    svc = start_service()
+
+    async def scenario() -> None:
+        conns = [await wsclient.connect(svc.url(p, "ws")) for p in ("/ws/echo",) * 3 + ("/ws/ticker",) * 2]
+        await conns[0].write_message("hi")
+        await conns[0].read_message()
+        opened = eventually(svc, lambda s: s.total("tornado_websocket_connections_open") == 5)
+        assert opened.total("tornado_websocket_connections_open", handler="ws_echo") == 3
+        assert opened.total("tornado_websocket_messages_total", handler="ws_echo", direction="in") == 1
+        for conn in conns:
+            conn.close()
+        eventually(svc, lambda s: s.total("tornado_websocket_connections_open") == 0)
+
+    wsclient.run(scenario())
+
+
+def test_killed_workers_live_gauges_vanish_counters_stay(start_service: Start) -> None:
+    svc = start_service()
+    for _ in range(10):
+        svc.request("/")
+
+    async def scenario() -> None:
+        conn = await wsclient.connect(svc.url("/ws/echo", "ws"))
+        victim_pid = int(conn.headers["X-Worker-PID"])
+        victim = next(w for w, pid in svc.live_workers().items() if pid == victim_pid)
+        before = eventually(svc, lambda s: s.total("tornado_websocket_connections_open") == 1)
+        mark = len(svc.events)
+        os.kill(victim_pid, signal.SIGKILL)
+        svc.wait_for(lambda e: e.get("event") == "worker started" and e["worker"] == victim, after=mark)
+        after = eventually(svc, lambda s: s.total("tornado_workers_alive") == 2)
+        assert after.total("tornado_websocket_connections_open") == 0  # the dead worker's gauge is gone
+        assert after.total("http_requests_total", handler="hello") == before.total(
+            "http_requests_total", handler="hello") == 10  # its counts are not
+        assert after.total("tornado_worker_restarts_total", worker=str(victim)) == 1
+        conn.close()
+
+    wsclient.run(scenario())
+
+
+def test_event_loop_lag_shows_blocking_work(start_service: Start) -> None:
+    svc = start_service(workers=1)
+
+    def slow(s: Scrape) -> float:
+        return s.total("tornado_event_loop_lag_seconds_count") - s.total(
+            "tornado_event_loop_lag_seconds_bucket", le="0.1")
+
+    before = eventually(svc, lambda s: s.total("tornado_event_loop_lag_seconds_count") > 0)
+    assert slow(before) == 0
+    for _ in range(2):
+        assert svc.request("/api/compute?n=10000000", timeout=30)[0] == 200
+    after = eventually(svc, lambda s: slow(s) >= 1)
+    lag_sum = "tornado_event_loop_lag_seconds_sum"
+    assert after.total(lag_sum) > before.total(lag_sum)
+
+
+def test_worker_process_figures_and_build_info(start_service: Start) -> None:
+    svc = start_service()
+    result = eventually(
+        svc, lambda s: {lbl["worker"] for lbl in s.series("tornado_worker_open_fds")} == {"0", "1"}
+    )
+    for worker in ("0", "1"):
+        assert result.total("tornado_worker_resident_memory_bytes", worker=worker) > 10_000_000
+        assert result.total("tornado_worker_open_fds", worker=worker) > 3
+        assert {"worker": worker} in result.series("tornado_worker_cpu_seconds")  # may still read 0.0
+        assert result.total("tornado_connections_open", worker=worker) >= 0
+    assert result.total("tornado_workers_alive") == 2
+    [info] = result.series("tornado_build_info")
+    assert info["workers"] == "2" and info["version"] and info["tornado"].startswith("6.")
+
+
+def test_openmetrics_when_asked(start_service: Start) -> None:
+    svc = start_service()
+    status, headers, body = svc.request("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert status == 200
+    assert headers["content-type"].startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+    status, headers, _ = svc.request("/metrics")
+    assert headers["content-type"].startswith("text/plain")
+
+
+def test_request_id_is_echoed_and_logged(start_service: Start) -> None:
+    svc = start_service()
+    _, headers, _ = svc.request("/api/hello", headers={"X-Request-ID": "abc-123.req", "User-Agent": "t/1"})
+    assert headers["x-request-id"] == "abc-123.req"
+    line = svc.wait_for(lambda e: e.get("event") == "request" and e.get("request_id") == "abc-123.req")
+    assert line["status"] == 200 and line["handler"] == "api_hello" and line["path"] == "/api/hello"
+    assert line["bytes"] == len(b'{"message":"hello world"}')
+    assert line["user_agent"] == "t/1" and line["client_ip"] == "127.0.0.1"
+    assert line["pid"] == int(headers["x-worker-pid"]) and line["worker"] == int(headers["x-worker-id"])
+    assert line["timestamp"].endswith("Z") and line["level"] == "info" and line["method"] == "GET"
+
+
+def test_insane_request_ids_are_replaced(start_service: Start) -> None:
+    svc = start_service()
+    for bad in ("x" * 200, "<script>", "a b", ""):
+        _, headers, _ = svc.request("/", headers={"X-Request-ID": bad})
+        rid = headers["x-request-id"]
+        assert rid != bad and len(rid) == 32 and int(rid, 16) >= 0
+
+
+def test_client_ip_comes_from_x_forwarded_for(start_service: Start) -> None:
+    svc = start_service()
+    svc.request("/", headers={"X-Forwarded-For": "203.0.113.7", "X-Request-ID": "fwd-1"})
+    line = svc.wait_for(lambda e: e.get("request_id") == "fwd-1")
+    assert line["client_ip"] == "203.0.113.7"
+
+
+def test_access_log_can_be_switched_off_while_metrics_count(start_service: Start) -> None:
+    svc = start_service("--access-log-sample", "0.5", env={"ACCESS_LOG": "false"})
+    for _ in range(20):
+        svc.request("/")
+    assert scrape(svc).total("http_requests_total", handler="hello") == 20
+    time.sleep(0.2)
+    assert not svc.named("request")
+
+
+def test_access_log_sampling(start_service: Start) -> None:
+    svc = start_service("--access-log-sample", "0.25")
+    for _ in range(200):
+        svc.request("/healthz")
+    time.sleep(0.3)
+    logged = len([e for e in svc.named("request") if e["handler"] == "healthz"])
+    assert 10 <= logged <= 120  # about 50; bounds wide enough never to flake
+
+
+def test_every_line_is_json_with_the_process_fields(start_service: Start) -> None:
+    svc = start_service()
+    svc.request("/nope")
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(10) == 0
+    assert not svc.bad_lines
+    for event in svc.events:
+        assert {"event", "level", "timestamp", "logger", "pid"} <= event.keys(), event
+        assert "worker" in event or event.get("role") == "supervisor", event
+    assert any(e["logger"].startswith("tornado.") or e["event"] == "forking workers" for e in svc.events)
+    json.dumps(svc.events)  # round-trips
