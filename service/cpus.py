@@ -66,23 +66,22 @@ def _up_from(mount: Path, path: str) -> Iterator[Path]:
             yield directory
 
 
-def _v2_quota(directory: Path) -> float | None:
-    text = _read(directory / "cpu.max")
-    if not text:
+def _ratio(quota_text: str | None, period_text: str | None) -> float | None:
+    """quota/period in CPUs; None for "max", -1, or anything unreadable (no limit known)."""
+    try:
+        quota, period = int(quota_text or ""), int(period_text or "")
+    except ValueError:
         return None
-    fields = text.split()
-    if fields[0] == "max" or len(fields) != 2:
-        return None
-    quota, period = int(fields[0]), int(fields[1])
     return quota / period if quota > 0 and period > 0 else None
+
+
+def _v2_quota(directory: Path) -> float | None:
+    fields = (_read(directory / "cpu.max") or "").split()
+    return _ratio(*fields) if len(fields) == 2 else None
 
 
 def _v1_quota(directory: Path) -> float | None:
-    quota_text, period_text = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
-    if quota_text is None or period_text is None:
-        return None
-    quota, period = int(quota_text), int(period_text)
-    return quota / period if quota > 0 and period > 0 else None
+    return _ratio(_read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us"))
 
 
 def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> tuple[float, str] | None:

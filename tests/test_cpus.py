@@ -166,6 +166,18 @@ def test_v1_quota_minus_one_is_unlimited(host: FakeHost) -> None:
     assert "cores" in budget.reason
 
 
+def test_v1_limit_on_a_parent_binds_an_unlimited_child(host: FakeHost) -> None:
+    host.member_of(V1_CPU + APP)
+    host.cfs("/user.slice", quota=200_000)
+    host.cfs(APP, quota=-1)
+
+    quota = host.quota()
+
+    assert quota is not None
+    assert quota[0] == 2.0
+    assert quota[1].endswith("user.slice/cpu.cfs_quota_us")
+
+
 def test_v1_quota_without_a_period_file_is_ignored(host: FakeHost) -> None:
     host.member_of(V1_CPU + APP)
     _write(host.root / "cpu,cpuacct" / APP.lstrip("/") / "cpu.cfs_quota_us", "150000")
@@ -272,3 +284,12 @@ def test_no_cpu_information_at_all_gives_one_worker(host: FakeHost) -> None:
 
     assert budget.workers == 1
     assert "no CPU information" in budget.reason
+
+
+def test_unreadable_cpu_max_is_no_limit(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cpu.max").write_text("abc 100000\n")
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("0::/\n")
+    assert cgroup_quota(root, proc) is None

@@ -17,11 +17,12 @@ import structlog
 from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler
 
-from service import metrics
+from service import logs, metrics
 
 if TYPE_CHECKING:
     from service.app import ServiceApp
 
+_log = logs.get_logger("service.handlers")
 REQUEST_ID_HEADER = "X-Request-ID"
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 
@@ -85,9 +86,16 @@ class ServiceHandler(RequestHandler):
         return None
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """ApiErrors are the client's mistake and already in the access line; log the rest."""
-        if not isinstance(value, ApiError):
-            super().log_exception(typ, value, tb)
+        """One JSON line with the traceback, for a bug; none for an HTTPError (the access line has it).
+
+        Tornado's own version logs `repr(request)`, headers and all (cookies, tokens): not here.
+        """
+        if isinstance(value, HTTPError):
+            return
+        _log.error(
+            "uncaught exception", method=self.request.method, path=self.request.path,
+            handler=self.route, request_id=self.request_id, exc_info=(typ, value, tb),
+        )
 
     def finish(self, chunk: str | bytes | dict[str, Any] | None = None) -> Any:
         """Counts the body's bytes for the access log (every handler here answers through finish)."""
