@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from prometheus_client import Counter, Histogram
 from tornado.web import RequestHandler
 
 from service import logs, metrics
@@ -20,6 +21,7 @@ _log = logs.get_logger("access")
 
 def request_observer(enabled: bool, sample: float) -> Callable[[RequestHandler], None]:
     writes_all = enabled and sample >= 1.0
+    label_cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def observe(handler: RequestHandler) -> None:
         request = handler.request
@@ -27,8 +29,14 @@ def request_observer(enabled: bool, sample: float) -> Callable[[RequestHandler],
         route = handler.route if isinstance(handler, ServiceHandler) else "not_found"
         method = metrics.method_label(request.method)
         duration = request.request_time()
-        metrics.REQUESTS.labels(method, route, str(status)).inc()
-        metrics.DURATION.labels(method, route).observe(duration)
+        key = (method, route, status)
+        children = label_cache.get(key)
+        if children is None:  # labels() takes a lock and builds tuples: once per combination
+            children = label_cache[key] = (
+                metrics.REQUESTS.labels(method, route, str(status)), metrics.DURATION.labels(method, route)
+            )
+        children[0].inc()
+        children[1].observe(duration)
         if not (writes_all or status >= 500 or (enabled and random.random() < sample)):
             return
         log = _log.info if status < 400 else _log.warning if status < 500 else _log.error

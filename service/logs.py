@@ -11,7 +11,10 @@ This module is a leaf: everything may import it and it imports nothing from the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import select
 import sys
 from typing import Any
 
@@ -34,6 +37,77 @@ def _logger_name(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+class LineBatcher:
+    """A structlog logger that writes whole JSON lines, batched per event-loop iteration.
+
+    One write(2) per access line is a large part of what an access log costs at 10k req/s.
+    Inside a running event loop, lines are collected and written once the loop has finished
+    the current iteration: at low load that is at once, under load one write carries the lines
+    of every request the iteration served. Each write is at most PIPE_BUF bytes of whole lines,
+    so lines of workers sharing one stdout pipe never interleave. Outside a loop (the
+    supervisor, start-up) every line is written at once. What a SIGKILL can lose: the lines of
+    the iteration it interrupts.
+    """
+
+    def __init__(self, fd: int = 1) -> None:
+        self._fd = fd
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._scheduled = False
+
+    def factory(self, *_: Any) -> LineBatcher:
+        return self
+
+    def msg(self, message: bytes) -> None:
+        self._lines.append(message + b"\n")
+        self._size += len(message) + 1
+        if self._scheduled and self._size < _MAX_BATCH:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._size >= _MAX_BATCH:
+            self.flush()
+        else:
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+    def flush(self) -> None:
+        lines, self._lines, self._size, self._scheduled = self._lines, [], 0, False
+        chunk = bytearray()
+        for line in lines:
+            if chunk and len(chunk) + len(line) > select.PIPE_BUF:
+                self._write(chunk)
+                chunk.clear()
+            chunk += line
+        if chunk:
+            self._write(chunk)
+
+    def _write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self._fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:  # stdout closed (the reader went away): drop, never crash a worker
+                return
+
+
+_MAX_BATCH = 64 * 1024
+_BATCHER = LineBatcher()
+
+
+def flush() -> None:
+    """Write what is batched; a worker calls this before it exits."""
+    _BATCHER.flush()
+    sys.stdout.flush()
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Set up structlog and the stdlib bridge; called once per process (safe to repeat)."""
     numeric = _LEVELS[level]
@@ -47,7 +121,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
         final: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
-        logger_factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        logger_factory: Any = _BATCHER.factory
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
         final = [renderer]
@@ -57,7 +131,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         processors=[*shared, structlog.processors.StackInfoRenderer(), *final],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=logger_factory,
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,  # configure() runs before any line is written
     )
 
     stdlib_final: list[Processor] = [

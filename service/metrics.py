@@ -31,8 +31,9 @@ DURATION = Histogram(
     "http_request_duration_seconds", "Time from request received to response finished",
     ["method", "handler"], buckets=LATENCY_BUCKETS,
 )
-IN_PROGRESS = Gauge(
-    "http_requests_in_progress", "HTTP requests being handled now", multiprocess_mode="livesum"
+IN_PROGRESS = Gauge(  # sampled once a second, not touched per request (it would cost two writes)
+    "http_requests_in_progress", "HTTP requests being handled, per worker (sampled every second)",
+    ["worker"], multiprocess_mode="livemax",
 )
 
 # -- connections -------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ class WorkerState:
     in_flight: int = 0
     websockets: set[Closable] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.worker_id_header = str(self.worker_id)
+        self.pid_header = str(self.pid)
+
     def request_started(self) -> None:
         self.in_flight += 1
 

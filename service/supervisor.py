@@ -89,7 +89,7 @@ def run(settings: Settings) -> int:
                 sock.close()
     code = worker.run(worker_id, mine, settings, signals.supervisor_pid)
     # Leave without the parent's exit path (atexit hooks, the metrics directory's removal).
-    sys.stdout.flush()
+    logs.flush()
     os._exit(code)
 
 

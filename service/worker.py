@@ -87,6 +87,7 @@ async def _serve(
     def housekeeping() -> None:
         """Once a second: refresh the sampled gauges, and notice if this worker was orphaned."""
         metrics.CONNECTIONS.labels(label).set(server.open_connections())
+        metrics.IN_PROGRESS.labels(label).set(state.in_flight)
         metrics.sample_process(label, process)
         if os.getppid() != supervisor_pid:  # the supervisor was SIGKILLed: drain, don't serve forever
             request_stop("supervisor gone")

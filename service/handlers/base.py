@@ -8,8 +8,8 @@ upgrade of Tornado keeps working.
 from __future__ import annotations
 
 import http
+import os
 import re
-import uuid
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -17,7 +17,7 @@ import structlog
 from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler
 
-from service import logs, metrics
+from service import logs
 
 if TYPE_CHECKING:
     from service.app import ServiceApp
@@ -60,21 +60,18 @@ class ServiceHandler(RequestHandler):
     def app(self) -> ServiceApp:
         return cast("ServiceApp", self.application)
 
-    @property
-    def request_id(self) -> str:
-        """The client's (Nginx's) X-Request-ID when it is sane, else a fresh one; fixed per request."""
-        rid: str | None = getattr(self, "_request_id", None)
-        if rid is None:
-            given = self.request.headers.get(REQUEST_ID_HEADER, "")
-            rid = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-            self._request_id = rid
-        return rid
+    request_id = ""
 
     def set_default_headers(self) -> None:
+        """Runs when the handler is made (and again if an error resets the response)."""
+        if not self.request_id:
+            # The client's (Nginx's) X-Request-ID when it is sane, else a fresh one.
+            given = self.request.headers.get(REQUEST_ID_HEADER, "")
+            self.request_id = given if _SANE_REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         self.clear_header("Server")
         state = self.app.state
-        self.set_header("X-Worker-Id", str(state.worker_id))
-        self.set_header("X-Worker-PID", str(state.pid))
+        self.set_header("X-Worker-Id", state.worker_id_header)
+        self.set_header("X-Worker-PID", state.pid_header)
         self.set_header(REQUEST_ID_HEADER, self.request_id)
 
     def prepare(self) -> None:
@@ -122,14 +119,12 @@ class BaseHandler(ServiceHandler):
     def prepare(self) -> None:
         super().prepare()
         self.app.state.request_started()
-        metrics.IN_PROGRESS.inc()
         self._counted = True
 
     def on_finish(self) -> None:
         if self._counted:
             self._counted = False
             self.app.state.request_finished()
-            metrics.IN_PROGRESS.dec()
 
     def int_arg(self, name: str, low: int, high: int, default: int | None = None) -> int:
         raw = self.get_query_argument(name, None)
