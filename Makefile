@@ -7,7 +7,7 @@ ARGS   ?=
 # Debian packages the test suite needs (unshare for the PID 1 test; later: nginx, prometheus...).
 TEST_DEBS := util-linux
 
-.PHONY: run test lint typecheck unit clean
+.PHONY: run test bench lint clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -30,12 +30,17 @@ run: $(VENV)/.runtime
 ## test: lint, type-check, then the whole test suite against real processes
 test: $(VENV)/.test
 	@scripts/install-debian.sh $(TEST_DEBS)
-	$(BIN)/ruff check service tests
+	$(BIN)/ruff check service tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
 
+## bench: instrumentation cost, bare Tornado vs this service side by side (bench/results/)
+bench: $(VENV)/.test
+	@scripts/install-debian.sh wrk
+	$(BIN)/python bench/instrumentation.py $(ARGS)
+
 lint: $(VENV)/.test
-	$(BIN)/ruff check service tests
+	$(BIN)/ruff check service tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -33,6 +33,9 @@ RESULTS = ROOT / "bench" / "results"
 VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "bare tornado": ([sys.executable, str(ROOT / "bench" / "bare_app.py")], {}),
     "service, metrics + access log": ([sys.executable, "-m", "service", "--address", "127.0.0.1"], {}),
+    "service, metrics, access log 1%": (
+        [sys.executable, "-m", "service", "--address", "127.0.0.1"], {"ACCESS_LOG_SAMPLE": "0.01"},
+    ),
     "service, metrics, access log off": (
         [sys.executable, "-m", "service", "--address", "127.0.0.1"], {"ACCESS_LOG": "false"},
     ),
