@@ -4,10 +4,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARGS   ?=
 
-# Debian packages the test suite needs (unshare for the PID 1 test; later: nginx, prometheus...).
-TEST_DEBS := util-linux
+# Debian packages: what `make stack` runs, and what the tests talk to (they run the real things).
+STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
+TEST_DEBS := util-linux nginx prometheus openssl curl
 
-.PHONY: run test bench lint clean
+.PHONY: run test stack bench lint clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -30,7 +31,7 @@ run: $(VENV)/.runtime
 ## test: lint, type-check, then the whole test suite against real processes
 test: $(VENV)/.test
 	@scripts/install-debian.sh $(TEST_DEBS)
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench nginx deploy
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
 
@@ -39,8 +40,13 @@ bench: $(VENV)/.test
 	@scripts/install-debian.sh wrk
 	$(BIN)/python bench/instrumentation.py $(ARGS)
 
+## stack: the service, Nginx (HTTP and TLS/HTTP2) and Prometheus as local processes; ARGS="--http-port 9080"
+stack: $(VENV)/.runtime
+	@scripts/install-debian.sh $(STACK_DEBS)
+	$(BIN)/python deploy/stack.py $(ARGS)
+
 lint: $(VENV)/.test
-	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff check service tests bench nginx deploy
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,224 @@
+"""The whole stack on one machine, no containers: the service, Nginx in front, Prometheus behind.
+
+`make stack` runs this. Everything lives in a working directory of its own (`.stack/` by
+default): rendered configuration, a self-signed TLS pair when none is given, Prometheus' data.
+Each component is an ordinary child process; their output is followed here, one prefixed line
+at a time. Ctrl-C or SIGTERM stops them all: the service drains (SHUTDOWN_GRACE), the others
+stop at once; a second Ctrl-C kills what is left. A component that dies stops the stack.
+
+    python deploy/stack.py [--http-port 8080] [--service-port 8888] ... [-- service flags]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType, ModuleType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+nginx_render = _load("nginx_render", ROOT / "nginx" / "render.py")
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and 127.0.0.1, made once and reused."""
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    if not (cert.exists() and key.exists()):
+        directory.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+             "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"],
+            check=True, capture_output=True,
+        )
+    return cert, key
+
+
+def render_nginx(path: Path, run_dir: Path, **settings: str) -> Path:
+    """nginx.conf for this machine, from nginx/nginx.conf.template."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    values = nginx_render.values({"RUN_DIR": str(run_dir), **settings}, {})
+    path.write_text(nginx_render.render(nginx_render.TEMPLATE.read_text(), values))
+    return path
+
+
+def nginx_command(conf: Path, error_log: Path | str = "/dev/stderr") -> list[str]:
+    """Nginx in the foreground on `conf`, its prefix beside it (no file of /etc/nginx is used)."""
+    return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"]
+
+
+def prometheus_config(jobs: dict[str, str], interval: str = "5s") -> str:
+    """prometheus.yml with one job per target; the service is scraped directly, never via Nginx."""
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}",
+             "scrape_configs:"]
+    for job, target in jobs.items():
+        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: ['{target}']"]
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_command(config: Path, data: Path, listen: str) -> list[str]:
+    return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
+            f"--web.listen-address={listen}", "--storage.tsdb.retention.time=2d", "--log.level=warn"]
+
+
+@dataclass
+class Component:
+    name: str
+    command: list[str]
+    url: str = ""
+    stop_signal: int = signal.SIGTERM
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            self.command, cwd=cwd, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        threading.Thread(target=self._follow, daemon=True).start()
+
+    def _follow(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            sys.stdout.write(f"{self.name:>10} | {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signum)
+
+
+class Stack:
+    def __init__(self, components: list[Component], workdir: Path, grace: float) -> None:
+        self.components = components
+        self.workdir = workdir
+        self.grace = grace
+        self.stopping = 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping += 1
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        for component in self.components:
+            component.start(self.workdir)
+        print("\n".join(["", "stack running (Ctrl-C stops it):",
+                         *(f"  {c.name:>10}  {c.url}" for c in self.components if c.url), ""]), flush=True)
+        code = 0
+        while not self.stopping:
+            dead = [c for c in self.components if not c.running()]
+            if dead:
+                print(f"stack: {', '.join(c.name for c in dead)} exited; stopping the rest", flush=True)
+                code = 1
+                break
+            time.sleep(0.2)
+        self.stop()
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM to everyone (the service drains), SIGKILL after the grace or a second signal."""
+        asked = self.stopping
+        for component in self.components:
+            component.signal(component.stop_signal)
+        deadline = time.monotonic() + self.grace + 5
+        while any(c.running() for c in self.components):
+            if time.monotonic() > deadline or self.stopping > max(asked, 1):
+                for component in self.components:
+                    component.signal(signal.SIGKILL)
+            time.sleep(0.1)
+        for component in self.components:
+            assert component.proc is not None
+            component.proc.wait()
+        print("stack: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dir", type=Path, default=ROOT / ".stack", help="working directory")
+    parser.add_argument("--service-port", type=int, default=8888)
+    parser.add_argument("--http-port", type=int, default=8080, help="Nginx, plain HTTP")
+    parser.add_argument("--tls-port", type=int, default=8443, help="Nginx, TLS with HTTP/2")
+    parser.add_argument("--status-port", type=int, default=8081, help="Nginx stub_status (127.0.0.1 only)")
+    parser.add_argument("--prometheus-port", type=int, default=9090)
+    parser.add_argument("--exporter-port", type=int, default=9113, help="nginx-prometheus-exporter")
+    parser.add_argument("--cert", type=Path, help="TLS certificate (default: a self-signed one)")
+    parser.add_argument("--key", type=Path, help="TLS key, with --cert")
+    parser.add_argument("--shutdown-grace", type=float, default=float(os.environ.get("SHUTDOWN_GRACE", 20)))
+    parser.add_argument("service_args", nargs="*", help="flags for the service, after --")
+    args = parser.parse_args(argv)
+    if bool(args.cert) != bool(args.key):
+        parser.error("--cert and --key go together")
+    for tool in ("nginx", "prometheus", "openssl"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not installed (`make stack` installs it)")
+
+    workdir = args.dir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert, key = (args.cert.resolve(), args.key.resolve()) if args.cert else self_signed(workdir / "tls")
+    conf = render_nginx(
+        workdir / "nginx" / "nginx.conf", workdir / "nginx" / "run",
+        UPSTREAM=f"127.0.0.1:{args.service_port}", LISTEN_ADDRESS="127.0.0.1",
+        HTTP_PORT=str(args.http_port), TLS_PORT=str(args.tls_port), STATUS_PORT=str(args.status_port),
+        TLS_CERT=str(cert), TLS_KEY=str(key),
+    )
+    exporter_bin = shutil.which("prometheus-nginx-exporter")
+    exporter = f"127.0.0.1:{args.exporter_port}" if exporter_bin else None
+    prom_yml = workdir / "prometheus" / "prometheus.yml"
+    prom_yml.parent.mkdir(parents=True, exist_ok=True)
+    jobs = {"tornado": f"127.0.0.1:{args.service_port}", "prometheus": f"127.0.0.1:{args.prometheus_port}"}
+    if exporter:
+        jobs["nginx"] = exporter
+    prom_yml.write_text(prometheus_config(jobs))
+
+    components = [
+        Component("service", [sys.executable, "-m", "service", "--address", "127.0.0.1",
+                              "--port", str(args.service_port), "--shutdown-grace", str(args.shutdown_grace),
+                              *args.service_args],
+                  url=f"http://127.0.0.1:{args.service_port}  (direct; /metrics is scraped here)"),
+        Component("nginx", nginx_command(conf), stop_signal=signal.SIGQUIT,  # SIGQUIT: graceful
+                  url=f"http://127.0.0.1:{args.http_port}  https://127.0.0.1:{args.tls_port} (HTTP/2)"),
+        Component(
+            "prometheus",
+            prometheus_command(prom_yml, workdir / "prometheus" / "data", jobs["prometheus"]),
+            url=f"http://127.0.0.1:{args.prometheus_port}",
+        ),
+    ]
+    if exporter_bin:
+        components.append(Component(
+            "exporter",
+            [exporter_bin, f"-nginx.scrape-uri=http://127.0.0.1:{args.status_port}/stub_status",
+             f"-web.listen-address={exporter}"],
+            url=f"http://{exporter}/metrics",
+        ))
+    return Stack(components, ROOT, args.shutdown_grace).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

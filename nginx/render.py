@@ -1,0 +1,93 @@
+"""Render nginx.conf.template: fill every ${UPPER_CASE} name, refuse to leave one unfilled.
+
+Values come from `--set NAME=VALUE`, else the environment variable NGINX_<NAME>, else the
+default below. Nginx's own variables ($remote_addr, lower case) are never touched, so the
+template stays readable as Nginx configuration. Usage:
+
+    python nginx/render.py --out /etc/nginx/nginx.conf --set UPSTREAM=127.0.0.1:8888
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+TEMPLATE = Path(__file__).resolve().parent / "nginx.conf.template"
+_NAME = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+
+DEFAULTS: dict[str, str] = {
+    "UPSTREAM": "127.0.0.1:8888",  # the service (comma-separated for several); expands UPSTREAM_SERVERS
+    "LISTEN_ADDRESS": "0.0.0.0",
+    "HTTP_PORT": "8080",
+    "TLS_PORT": "8443",
+    "STATUS_PORT": "8081",
+    "TLS_CERT": "/etc/nginx/tls/tls.crt",
+    "TLS_KEY": "/etc/nginx/tls/tls.key",
+    "CLIENT_MAX_BODY_SIZE": "1048576",  # bytes; keep equal to the service's MAX_BODY_SIZE
+    "PROXY_READ_TIMEOUT": "60s",  # plain requests (the service's /api/sleep is at most 60 s)
+    "LONG_READ_TIMEOUT": "330s",  # WebSockets and long polls (a long poll lasts at most 300 s)
+    "WORKER_CONNECTIONS": "16384",
+    "WORKER_RLIMIT_NOFILE": "20000",
+    "RUN_DIR": "/tmp/nginx",
+    "ACCESS_LOG": "/dev/stdout",
+    "ERROR_LOG": "/dev/stderr",
+    "USER_DIRECTIVE": "",  # e.g. "user nginx;" when the master runs as root
+}
+UPSTREAM_REPEAT = 2  # why: see the comment on `upstream tornado` in the template
+
+
+def upstream_servers(upstream: str) -> str:
+    addresses = [a.strip() for a in upstream.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("UPSTREAM names no address")
+    return "\n".join(
+        f"        server {address} max_fails=0;" for _ in range(UPSTREAM_REPEAT) for address in addresses
+    )
+
+
+def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown setting(s): {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+    merged = {
+        name: overrides.get(name, environ.get(f"NGINX_{name}", default)) for name, default in DEFAULTS.items()
+    }
+    merged["UPSTREAM_SERVERS"] = upstream_servers(merged["UPSTREAM"])
+    return merged
+
+
+def render(template: str, settings: Mapping[str, str]) -> str:
+    missing = sorted({name for name in _NAME.findall(template) if name not in settings})
+    if missing:
+        raise ValueError(f"template names unset value(s): {', '.join(missing)}")
+    return _NAME.sub(lambda m: settings[m.group(1)], template)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to write nginx.conf")
+    parser.add_argument("--template", type=Path, default=TEMPLATE)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="one setting; defaults: " + ", ".join(f"{k}={v!r}" for k, v in DEFAULTS.items()))
+    args = parser.parse_args(argv)
+    try:
+        overrides = dict(item.split("=", 1) for item in args.set)
+    except ValueError:
+        parser.error("--set takes NAME=VALUE")
+    try:
+        text = render(args.template.read_text(), values(overrides, os.environ))
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
