@@ -43,7 +43,7 @@ bench: $(VENV)/.test
 ## stack: the service, Nginx (HTTP and TLS/HTTP2) and Prometheus as local processes; ARGS="--http-port 9080"
 stack: $(VENV)/.runtime
 	@scripts/install-debian.sh $(STACK_DEBS)
-	$(BIN)/python deploy/stack.py $(ARGS)
+	$(BIN)/python -m deploy.stack $(ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check service tests bench nginx deploy

@@ -6,14 +6,13 @@ Each component is an ordinary child process; their output is followed here, one 
 at a time. Ctrl-C or SIGTERM stops them all: the service drains (SHUTDOWN_GRACE), the others
 stop at once; a second Ctrl-C kills what is left. A component that dies stops the stack.
 
-    python deploy/stack.py [--http-port 8080] [--service-port 8888] ... [-- service flags]
+    python -m deploy.stack [--http-port 8080] [--service-port 8888] ... [-- service flags]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import os
 import shutil
 import signal
@@ -23,20 +22,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import FrameType
+
+from nginx import render as nginx_render
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-nginx_render = _load("nginx_render", ROOT / "nginx" / "render.py")
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

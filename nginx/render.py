@@ -4,7 +4,7 @@ Values come from `--set NAME=VALUE`, else the environment variable NGINX_<NAME>,
 default below. Nginx's own variables ($remote_addr, lower case) are never touched, so the
 template stays readable as Nginx configuration. Usage:
 
-    python nginx/render.py --out /etc/nginx/nginx.conf --set UPSTREAM=127.0.0.1:8888
+    python -m nginx.render --out /etc/nginx/nginx.conf --set UPSTREAM=127.0.0.1:8888
 """
 
 from __future__ import annotations

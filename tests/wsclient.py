@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
 
-async def connect(url: str, timeout: float = 10.0) -> WebSocketClientConnection:
+async def connect(url: str | HTTPRequest, timeout: float = 10.0) -> WebSocketClientConnection:
     return await asyncio.wait_for(websocket_connect(url), timeout)
 
 

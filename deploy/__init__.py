@@ -1,0 +1,1 @@
+"""Deployment: the local stack runner (and, later, container and Prometheus files)."""

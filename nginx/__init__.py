@@ -1,0 +1,1 @@
+"""The Nginx configuration template and its renderer."""

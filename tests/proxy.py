@@ -1,0 +1,144 @@
+"""Real Nginx and real Prometheus in front of and behind the real service, for tests.
+
+Configuration comes from the same code `make stack` uses (deploy/stack.py, nginx/render.py),
+so what is tested is what is shipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from conftest import require_tool
+
+from deploy import stack
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class Nginx:
+    def __init__(self, workdir: Path, upstream_port: int, **settings: str) -> None:
+        require_tool("nginx")
+        require_tool("openssl")
+        self.workdir = workdir
+        self.http_port, self.tls_port, self.status_port = free_port(), free_port(), free_port()
+        self.access_log = workdir / "access.log"
+        self.error_log = workdir / "error.log"
+        cert, key = stack.self_signed(workdir / "tls")
+        self.conf = stack.render_nginx(
+            workdir / "nginx.conf", workdir / "run",
+            UPSTREAM=f"127.0.0.1:{upstream_port}", LISTEN_ADDRESS="127.0.0.1",
+            HTTP_PORT=str(self.http_port), TLS_PORT=str(self.tls_port), STATUS_PORT=str(self.status_port),
+            TLS_CERT=str(cert), TLS_KEY=str(key), ACCESS_LOG=str(self.access_log),
+            ERROR_LOG=str(self.error_log), **settings,
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def check(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["nginx", "-t", "-p", str(self.workdir), "-c", str(self.conf), "-e", str(self.error_log)],
+            capture_output=True, text=True, timeout=30,
+        )
+
+    def start(self) -> Nginx:
+        self.proc = subprocess.Popen(
+            stack.nginx_command(self.conf, self.error_log),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for_port(self.http_port)
+        wait_for_port(self.tls_port)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def access_lines(self) -> list[dict[str, Any]]:
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+
+    def log_line(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.access_lines():
+                if line["request_id"] == request_id:
+                    return line
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no Nginx access line for {request_id}")
+            time.sleep(0.05)
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, scrape: dict[str, str]) -> None:
+        require_tool("prometheus")
+        self.port = free_port()
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(stack.prometheus_config(scrape, interval="1s"))
+        self.data = workdir / "data"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Prometheus:
+        self.proc = subprocess.Popen(
+            stack.prometheus_command(self.config, self.data, f"127.0.0.1:{self.port}"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return list(body["data"]["result"])
+
+    def wait_for(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The query's result once it is non-empty (Prometheus needs a scrape or two first)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                result = self.query(promql)
+                if result:
+                    return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no result for {promql!r} within {timeout}s")
+            time.sleep(0.25)

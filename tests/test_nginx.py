@@ -1,0 +1,255 @@
+"""The service behind a real Nginx (Debian's), configured from nginx/nginx.conf.template."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import wsclient
+from conftest import ServiceProcess, require_tool
+from proxy import Nginx, Prometheus
+from tornado.httpclient import HTTPRequest
+
+Start = Callable[..., ServiceProcess]
+StartProxy = Callable[..., Nginx]
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[ServiceProcess]:
+    svc = ServiceProcess("--tick-interval", "0.2", "--max-body-size", "4096")
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(backend: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    proxy = Nginx(tmp_path_factory.mktemp("nginx"), backend.port, CLIENT_MAX_BODY_SIZE="4096")
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
+    started: list[Nginx] = []
+
+    def start(upstream_port: int, **settings: str) -> Nginx:
+        proxy = Nginx(tmp_path / f"nginx{len(started)}", upstream_port, **settings)
+        started.append(proxy)
+        return proxy.start()
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+def get(
+    port: int, path: str, headers: dict[str, str] | None = None, source: str | None = None,
+    method: str = "GET", body: bytes | None = None, timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    )
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_rendered_config_passes_nginx_t(nginx: Nginx) -> None:
+    result = nginx.check()
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_hello_and_json_through_nginx(nginx: Nginx) -> None:
+    status, headers, body = get(nginx.http_port, "/")
+    assert (status, body) == (200, b"Hello, world")
+    assert headers["server"] == "nginx"  # server_tokens off, and Tornado's Server header not passed on
+    status, headers, body = get(nginx.http_port, "/api/hello")
+    assert status == 200 and json.loads(body) == {"message": "hello world"}
+    assert headers["content-type"] == "application/json"
+
+
+def test_websockets_through_nginx(nginx: Nginx) -> None:
+    async def scenario() -> tuple[object, dict[str, object]]:
+        echo = await wsclient.connect(f"ws://127.0.0.1:{nginx.http_port}/ws/echo")
+        await echo.write_message("through nginx")
+        echoed = await echo.read_message()
+        ticker = await wsclient.connect(f"ws://127.0.0.1:{nginx.http_port}/ws/ticker")
+        tick = await ticker.read_message()
+        echo.close()
+        ticker.close()
+        assert isinstance(tick, str)
+        return echoed, json.loads(tick)
+
+    echoed, tick = wsclient.run(scenario())
+    assert echoed == "through nginx"
+    assert tick["type"] == "tick"
+
+
+def test_tls_listener_negotiates_http2(nginx: Nginx) -> None:
+    curl = require_tool("curl")
+    result = subprocess.run(
+        [curl, "-sk", "--http2", "-w", "\\n%{http_version}", f"https://127.0.0.1:{nginx.tls_port}/api/hello"],
+        capture_output=True, text=True, timeout=30,
+    )
+    body, version = result.stdout.rsplit("\n", 1)
+    assert version == "2", "ALPN must negotiate h2"
+    assert json.loads(body) == {"message": "hello world"}
+
+
+def test_websocket_over_tls(nginx: Nginx) -> None:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    async def scenario() -> object:
+        request = HTTPRequest(f"wss://127.0.0.1:{nginx.tls_port}/ws/echo", ssl_options=context)
+        conn = await wsclient.connect(request)
+        await conn.write_message("over tls")
+        reply = await conn.read_message()
+        conn.close()
+        return reply
+
+    assert wsclient.run(scenario()) == "over tls"
+
+
+def test_metrics_are_not_public(nginx: Nginx, backend: ServiceProcess) -> None:
+    for path in ("/metrics", "/metrics?x=1", "//metrics", "/%6Detrics", "/./metrics"):
+        status, _, body = get(nginx.http_port, path)
+        assert status == 404, path
+        assert b"http_requests_total" not in body
+    assert backend.request("/metrics")[0] == 200  # the service itself still serves it
+
+
+def test_body_limit_matches_the_service(nginx: Nginx) -> None:
+    status, headers, body = get(nginx.http_port, "/api/hello", method="POST", body=b"x" * 5000)
+    assert status == 413
+    assert json.loads(body) == {"error": "Request Entity Too Large", "status": 413}
+    assert headers["x-request-id"]
+
+
+def test_stub_status_is_internal_only(nginx: Nginx) -> None:
+    status, _, body = get(nginx.status_port, "/stub_status")
+    assert status == 200 and b"Active connections" in body
+    status, _, _ = get(nginx.http_port, "/stub_status")
+    assert status == 404
+
+
+@pytest.mark.parametrize("given", ["client-chosen-id.42", None])
+def test_one_request_id_from_nginx_to_the_service(
+    nginx: Nginx, backend: ServiceProcess, given: str | None
+) -> None:
+    headers = {"X-Request-ID": given} if given else {"X-Request-ID": "bad id <script>"}
+    status, response_headers, _ = get(nginx.http_port, "/api/hello", headers=headers)
+    assert status == 200
+    rid = response_headers["x-request-id"]
+    if given:
+        assert rid == given
+    else:
+        assert len(rid) == 32 and int(rid, 16) >= 0  # Nginx's $request_id replaced the insane one
+    assert list(response_headers).count("x-request-id") == 1
+    service_line = backend.wait_for(lambda e: e.get("event") == "request" and e.get("request_id") == rid)
+    nginx_line = nginx.log_line(rid)
+    assert service_line["path"] == "/api/hello" and nginx_line["uri"] == "/api/hello"
+    assert nginx_line["status"] == 200 and nginx_line["upstream_status"] == "200"
+    assert nginx_line["upstream_addr"] == f"127.0.0.1:{backend.port}"
+    assert float(nginx_line["upstream_response_time"]) >= 0
+
+
+def test_service_logs_the_clients_address_not_nginxs(nginx: Nginx, backend: ServiceProcess) -> None:
+    get(nginx.http_port, "/", headers={"X-Request-ID": "from-127-0-0-5"}, source="127.0.0.5")
+    line = backend.wait_for(lambda e: e.get("request_id") == "from-127-0-0-5")
+    assert line["client_ip"] == "127.0.0.5"  # from X-Forwarded-For / X-Real-IP; the TCP peer is Nginx
+    assert nginx.log_line("from-127-0-0-5")["remote_addr"] == "127.0.0.5"
+
+
+def test_long_poll_outlasts_nginx_default_read_timeout(start_service: Start, start_proxy: StartProxy) -> None:
+    """Both sides shortened to keep the test fast; the relation is the production one."""
+    svc = start_service("--tick-interval", "60")
+    proxy = start_proxy(svc.port, PROXY_READ_TIMEOUT="2s", LONG_READ_TIMEOUT="8s")
+    started = time.monotonic()
+    status, _, _ = get(proxy.http_port, "/api/poll?timeout=4")
+    assert status == 204 and time.monotonic() - started >= 4  # outlived the 2 s default, not cut
+    status, _, body = get(proxy.http_port, "/api/sleep?ms=3500")
+    assert status == 504 and json.loads(body)["status"] == 504  # plain requests keep the short timeout
+
+
+def test_real_prometheus_scrapes_the_service_directly(
+    backend: ServiceProcess, tmp_path: Path
+) -> None:
+    promtool = require_tool("promtool")
+    prometheus = Prometheus(tmp_path, {"tornado": f"127.0.0.1:{backend.port}"})
+    checked = subprocess.run(
+        [promtool, "check", "config", str(prometheus.config)], capture_output=True, text=True, timeout=60
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    prometheus.start()
+    try:
+        for _ in range(5):
+            backend.request("/api/hello")
+        up = prometheus.wait_for('up{job="tornado"} == 1')
+        assert up[0]["metric"]["instance"] == f"127.0.0.1:{backend.port}"
+        alive = prometheus.wait_for("tornado_workers_alive")
+        assert float(alive[0]["value"][1]) == 2
+        hello = prometheus.wait_for('sum(http_requests_total{handler="api_hello"})')
+        assert float(hello[0]["value"][1]) >= 5
+    finally:
+        prometheus.stop()
+
+
+def test_killing_a_worker_under_load_fails_no_request(start_service: Start, start_proxy: StartProxy) -> None:
+    svc = start_service()
+    proxy = start_proxy(svc.port)
+    failures: list[str] = []
+    done = 0
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 4.0
+
+    def client() -> None:
+        nonlocal done
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.http_port, timeout=10)
+        for _ in range(1000):  # bounded in count and in time
+            if time.monotonic() > stop_at:
+                break
+            try:
+                conn.request("GET", "/api/sleep?ms=40")
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures.append(f"status {response.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", proxy.http_port, timeout=10)
+            with lock:
+                done += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)
+    victim_id, victim_pid = next(iter(svc.live_workers().items()))
+    mark = len(svc.events)
+    os.kill(victim_pid, signal.SIGKILL)
+    for thread in threads:
+        thread.join(20)
+    svc.wait_for(lambda e: e.get("event") == "worker started" and e["worker"] == victim_id, after=mark)
+    assert done > 200
+    assert failures == [], f"{len(failures)} of {done} requests failed: {failures[:5]}"
+    retried = [line for line in proxy.access_lines() if "," in line["upstream_addr"]]
+    print(f"{done} requests, {len(retried)} retried by Nginx on a new connection")
