@@ -149,17 +149,27 @@ class ServiceProcess:
         self, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-        finally:
-            conn.close()
+        return http_request(self.port, path, method, body, timeout, headers)
 
     def get_json(self, path: str, timeout: float = 10.0) -> tuple[int, Any]:
         status, _, body = self.request(path, timeout=timeout)
         return status, json.loads(body) if body else None
+
+
+def http_request(
+    port: int, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
+    headers: dict[str, str] | None = None, source: str | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection to 127.0.0.1:port (from `source`, another loopback address)."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    )
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
 
 
 def require_tool(name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import wsclient
-from conftest import ServiceProcess, require_tool
+from conftest import ServiceProcess, http_request, require_tool
 from proxy import Nginx, Prometheus
 from tornado.httpclient import HTTPRequest
 
@@ -53,21 +53,6 @@ def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
         proxy.stop()
 
 
-def get(
-    port: int, path: str, headers: dict[str, str] | None = None, source: str | None = None,
-    method: str = "GET", body: bytes | None = None, timeout: float = 10,
-) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection(
-        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
-    )
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
-    finally:
-        conn.close()
-
-
 def test_rendered_config_passes_nginx_t(nginx: Nginx) -> None:
     result = nginx.check()
     assert result.returncode == 0, result.stderr
@@ -75,10 +60,10 @@ def test_rendered_config_passes_nginx_t(nginx: Nginx) -> None:
 
 
 def test_hello_and_json_through_nginx(nginx: Nginx) -> None:
-    status, headers, body = get(nginx.http_port, "/")
+    status, headers, body = http_request(nginx.http_port, "/")
     assert (status, body) == (200, b"Hello, world")
     assert headers["server"] == "nginx"  # server_tokens off, and Tornado's Server header not passed on
-    status, headers, body = get(nginx.http_port, "/api/hello")
+    status, headers, body = http_request(nginx.http_port, "/api/hello")
     assert status == 200 and json.loads(body) == {"message": "hello world"}
     assert headers["content-type"] == "application/json"
 
@@ -129,23 +114,23 @@ def test_websocket_over_tls(nginx: Nginx) -> None:
 
 def test_metrics_are_not_public(nginx: Nginx, backend: ServiceProcess) -> None:
     for path in ("/metrics", "/metrics?x=1", "//metrics", "/%6Detrics", "/./metrics"):
-        status, _, body = get(nginx.http_port, path)
+        status, _, body = http_request(nginx.http_port, path)
         assert status == 404, path
         assert b"http_requests_total" not in body
     assert backend.request("/metrics")[0] == 200  # the service itself still serves it
 
 
 def test_body_limit_matches_the_service(nginx: Nginx) -> None:
-    status, headers, body = get(nginx.http_port, "/api/hello", method="POST", body=b"x" * 5000)
+    status, headers, body = http_request(nginx.http_port, "/api/hello", method="POST", body=b"x" * 5000)
     assert status == 413
     assert json.loads(body) == {"error": "Request Entity Too Large", "status": 413}
     assert headers["x-request-id"]
 
 
 def test_stub_status_is_internal_only(nginx: Nginx) -> None:
-    status, _, body = get(nginx.status_port, "/stub_status")
+    status, _, body = http_request(nginx.status_port, "/stub_status")
     assert status == 200 and b"Active connections" in body
-    status, _, _ = get(nginx.http_port, "/stub_status")
+    status, _, _ = http_request(nginx.http_port, "/stub_status")
     assert status == 404
 
 
@@ -154,7 +139,7 @@ def test_one_request_id_from_nginx_to_the_service(
     nginx: Nginx, backend: ServiceProcess, given: str | None
 ) -> None:
     headers = {"X-Request-ID": given} if given else {"X-Request-ID": "bad id <script>"}
-    status, response_headers, _ = get(nginx.http_port, "/api/hello", headers=headers)
+    status, response_headers, _ = http_request(nginx.http_port, "/api/hello", headers=headers)
     assert status == 200
     rid = response_headers["x-request-id"]
     if given:
@@ -171,7 +156,7 @@ def test_one_request_id_from_nginx_to_the_service(
 
 
 def test_service_logs_the_clients_address_not_nginxs(nginx: Nginx, backend: ServiceProcess) -> None:
-    get(nginx.http_port, "/", headers={"X-Request-ID": "from-127-0-0-5"}, source="127.0.0.5")
+    http_request(nginx.http_port, "/", headers={"X-Request-ID": "from-127-0-0-5"}, source="127.0.0.5")
     line = backend.wait_for(lambda e: e.get("request_id") == "from-127-0-0-5")
     assert line["client_ip"] == "127.0.0.5"  # from X-Forwarded-For / X-Real-IP; the TCP peer is Nginx
     assert nginx.log_line("from-127-0-0-5")["remote_addr"] == "127.0.0.5"
@@ -182,9 +167,9 @@ def test_long_poll_outlasts_nginx_default_read_timeout(start_service: Start, sta
     svc = start_service("--tick-interval", "60")
     proxy = start_proxy(svc.port, PROXY_READ_TIMEOUT="2s", LONG_READ_TIMEOUT="8s")
     started = time.monotonic()
-    status, _, _ = get(proxy.http_port, "/api/poll?timeout=4")
+    status, _, _ = http_request(proxy.http_port, "/api/poll?timeout=4")
     assert status == 204 and time.monotonic() - started >= 4  # outlived the 2 s default, not cut
-    status, _, body = get(proxy.http_port, "/api/sleep?ms=3500")
+    status, _, body = http_request(proxy.http_port, "/api/sleep?ms=3500")
     assert status == 504 and json.loads(body)["status"] == 504  # plain requests keep the short timeout
 
 
