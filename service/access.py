@@ -16,10 +16,10 @@ from tornado.web import RequestHandler
 from service import logs, metrics
 from service.handlers.base import ServiceHandler
 
-_log = logs.get_logger("access")
 
-
-def request_observer(enabled: bool, sample: float) -> Callable[[RequestHandler], None]:
+def request_observer(enabled: bool, sample: float, **fields: object) -> Callable[[RequestHandler], None]:
+    """Tornado's log_function for one worker; `fields` (worker, pid) go on every access line."""
+    _log = logs.access_logger(**fields)
     writes_all = enabled and sample >= 1.0
     label_cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 

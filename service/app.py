@@ -46,7 +46,9 @@ class ServiceApp(Application):
             routes,
             default_handler_class=NotFoundHandler,
             default_handler_args={"route": "not_found"},
-            log_function=request_observer(settings.access_log, settings.access_log_sample),
+            log_function=request_observer(
+                settings.access_log, settings.access_log_sample, worker=state.worker_id, pid=state.pid
+            ),
             websocket_max_message_size=settings.ws_max_message_size,
             websocket_ping_interval=settings.ws_ping_interval or None,
             debug=False,

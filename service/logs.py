@@ -127,6 +127,9 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         final = [renderer]
         logger_factory = structlog.PrintLoggerFactory(sys.stdout)
 
+    _access_processors[:] = [
+        structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), renderer
+    ]
     structlog.configure(
         processors=[*shared, structlog.processors.StackInfoRenderer(), *final],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
@@ -151,6 +154,24 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     logging.captureWarnings(True)
+
+
+_access_processors: list[Processor] = []
+
+
+def access_logger(**fields: Any) -> Any:
+    """A logger for access lines only: the shortest pipeline that renders one.
+
+    It carries its fields (worker, pid) itself instead of reading context variables, and skips
+    the traceback and stack processors an access line never needs: at 10k lines a second each
+    processor shows in the throughput. Call it after `configure`, in the process that logs.
+    """
+    factory = structlog.get_config()["logger_factory"]
+    return structlog.wrap_logger(
+        factory(),
+        processors=list(_access_processors),
+        wrapper_class=structlog.get_config()["wrapper_class"],
+    ).bind(logger="access", **fields)
 
 
 def bind_process(**fields: Any) -> None:

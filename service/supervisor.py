@@ -87,7 +87,13 @@ def run(settings: Settings) -> int:
         if slot is not mine:
             for sock in slot:
                 sock.close()
-    code = worker.run(worker_id, mine, settings, signals.supervisor_pid)
+    try:
+        code = worker.run(worker_id, mine, settings, signals.supervisor_pid)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:  # a bug in a worker: one JSON line with the traceback, then a restart
+        _log.exception("worker crashed", worker=worker_id)
+        code = 1
     # Leave without the parent's exit path (atexit hooks, the metrics directory's removal).
     logs.flush()
     os._exit(code)

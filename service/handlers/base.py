@@ -8,8 +8,6 @@ upgrade of Tornado keeps working.
 from __future__ import annotations
 
 import http
-import os
-import re
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -17,14 +15,12 @@ import structlog
 from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler
 
-from service import logs
+from service import logs, requestid
 
 if TYPE_CHECKING:
     from service.app import ServiceApp
 
 _log = logs.get_logger("service.handlers")
-REQUEST_ID_HEADER = "X-Request-ID"
-_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+/=-]{1,128}")
 
 
 class ApiError(HTTPError):
@@ -65,14 +61,12 @@ class ServiceHandler(RequestHandler):
     def set_default_headers(self) -> None:
         """Runs when the handler is made (and again if an error resets the response)."""
         if not self.request_id:
-            # The client's (Nginx's) X-Request-ID when it is sane, else a fresh one.
-            given = self.request.headers.get(REQUEST_ID_HEADER, "")
-            self.request_id = given if _SANE_REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+            self.request_id = requestid.choose(self.request.headers.get(requestid.HEADER, ""))
         self.clear_header("Server")
         state = self.app.state
         self.set_header("X-Worker-Id", state.worker_id_header)
         self.set_header("X-Worker-PID", state.pid_header)
-        self.set_header(REQUEST_ID_HEADER, self.request_id)
+        self.set_header(requestid.HEADER, self.request_id)
 
     def prepare(self) -> None:
         """Every log line written while handling this request carries its id."""
