@@ -34,7 +34,7 @@ import sys
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import ClassVar, cast
+from typing import ClassVar, NoReturn, cast
 
 import psutil
 from tornado.netutil import bind_sockets
@@ -81,22 +81,27 @@ def run(settings: Settings) -> int:
         _log.info("every worker exited cleanly")
         return 0
 
-    # From here on this is a worker process.
+    become_worker(worker_id, slots, settings, signals.supervisor_pid)
+
+
+def become_worker(
+    worker_id: int, slots: list[list[socket.socket]], settings: Settings, parent: int
+) -> NoReturn:
+    """In a forked child: serve on this slot's sockets, then leave without the parent's exit path."""
     mine = slots[worker_id]
     for slot in slots:
         if slot is not mine:
             for sock in slot:
                 sock.close()
     try:
-        code = worker.run(worker_id, mine, settings, signals.supervisor_pid)
+        code = worker.run(worker_id, mine, settings, parent)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException:  # a bug in a worker: one JSON line with the traceback, then a restart
         _log.exception("worker crashed", worker=worker_id)
         code = 1
-    # Leave without the parent's exit path (atexit hooks, the metrics directory's removal).
     logs.flush()
-    os._exit(code)
+    os._exit(code)  # no atexit hooks, no removal of the metrics directory: those are the parent's
 
 
 class StopSignals:
