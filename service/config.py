@@ -46,6 +46,7 @@ class Settings:
     ws_max_message_size: int = 64 * 1024
     ws_ping_interval: float = 20.0
     max_connections: int = 10_000
+    max_write_buffer: int = 4 * 1024 * 1024
     max_restarts: int = 100
 
 
@@ -206,6 +207,12 @@ OPTIONS: tuple[_Option, ...] = (
         "MAX_CONNECTIONS",
         _int_in(1, 1_000_000),
         "open connections per worker beyond which new ones get a 503 and are closed",
+    ),
+    _Option(
+        "max_write_buffer",
+        "MAX_WRITE_BUFFER",
+        _int_in(64 * 1024),
+        "bytes queued for one slow reader before it is disconnected (bounds memory per connection)",
     ),
     _Option(
         "max_restarts",

@@ -52,6 +52,10 @@ WEBSOCKET_MESSAGES = Counter(
     "tornado_websocket_messages_total", "WebSocket messages received (in) and sent (out)",
     ["handler", "direction"],
 )
+WEBSOCKET_SLOW = Counter(
+    "tornado_websocket_slow_consumers_total",
+    "WebSockets disconnected because their reader fell MAX_WRITE_BUFFER bytes behind", ["handler"],
+)
 LONG_POLLS = Gauge("tornado_long_polls_waiting", "Long polls waiting for a tick", multiprocess_mode="livesum")
 
 # -- the event loop and the worker processes -----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tornado's HTTPServer with a cap on open connections per worker.
+"""Tornado's HTTPServer with a cap on open connections per worker, and on what each may queue.
 
 Without a cap a flood of connections ends in EMFILE: accept() fails, Tornado logs an error per
 attempt, and the worker can no longer open anything else either. With it, a connection past the
@@ -25,11 +25,12 @@ _REFUSAL = (
 
 class LimitedHTTPServer(HTTPServer):
     def initialize(
-        self, *args: Any, max_connections: int = 10_000, on_refuse: Callable[[], None] = lambda: None,
-        **kwargs: Any,
+        self, *args: Any, max_connections: int = 10_000, max_write_buffer: int | None = None,
+        on_refuse: Callable[[], None] = lambda: None, **kwargs: Any,
     ) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections
+        self.max_write_buffer = max_write_buffer
         self.on_refuse = on_refuse
         self._streams: set[IOStream] = set()
 
@@ -47,5 +48,8 @@ class LimitedHTTPServer(HTTPServer):
             self.on_refuse()
             stream.write(_REFUSAL).add_done_callback(lambda _: stream.close())
             return
+        # A reader that stops reading makes writes queue up; past this the write fails and the
+        # connection is dropped (a slow WebSocket consumer), instead of the worker's memory growing.
+        stream.max_write_buffer_size = self.max_write_buffer
         self._streams.add(stream)
         super().handle_stream(stream, address)

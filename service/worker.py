@@ -68,6 +68,7 @@ async def _serve(
         idle_connection_timeout=settings.idle_timeout,
         body_timeout=settings.body_timeout,
         max_connections=settings.max_connections,
+        max_write_buffer=settings.max_write_buffer,
         on_refuse=metrics.CONNECTIONS_REFUSED.labels(label).inc,
     )
     server.add_sockets(sockets)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -198,3 +200,27 @@ def test_every_line_is_json_with_the_process_fields(start_service: Start) -> Non
         assert "worker" in event or event.get("role") == "supervisor", event
     assert any(e["logger"].startswith("tornado.") or e["event"] == "forking workers" for e in svc.events)
     json.dumps(svc.events)  # round-trips
+
+
+def test_slow_websocket_consumer_is_disconnected_not_buffered(start_service: Start) -> None:
+    svc = start_service("--max-write-buffer", "65536", "--ws-max-message-size", "65536", workers=1)
+    chunk = "x" * 60_000
+
+    async def scenario() -> int:
+        conn = await wsclient.connect(svc.url("/ws/echo", "ws"))
+        sent = 0
+        with contextlib.suppress(Exception):  # the server drops us mid-flood: that is the point
+            for _ in range(2000):  # never reads: echoes pile up on the server's side
+                await asyncio.wait_for(conn.write_message(chunk), 5)
+                sent += 1
+        conn.close()
+        return sent
+
+    sent = wsclient.run(scenario())
+    assert sent < 2000, "the server should have dropped the connection"
+    line = svc.wait_for(lambda e: e.get("event") == "slow websocket consumer disconnected")
+    assert line["handler"] == "ws_echo" and line["level"] == "warning"
+    eventually(svc, lambda s: s.total("tornado_websocket_slow_consumers_total", handler="ws_echo") == 1)
+    memory = scrape(svc).total("tornado_worker_resident_memory_bytes", worker="0")
+    assert memory < 200 * 1024 * 1024  # bounded, not 120 MB of queued echoes on top
+    assert svc.request("/")[0] == 200

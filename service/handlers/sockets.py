@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from asyncio import Future
 
+from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
-from service import metrics
+from service import logs, metrics
 from service.handlers.base import ApiError, ServiceHandler
+
+_log = logs.get_logger("service.handlers")
 
 
 def _retrieve(future: Future[None]) -> None:
@@ -40,7 +43,17 @@ class TrackedSocket(ServiceHandler, WebSocketHandler):
             future = self.write_message(message, binary=isinstance(message, bytes))
         except WebSocketClosedError:
             return
+        except StreamBufferFullError:
+            self._drop_slow_consumer()
+            return
         future.add_done_callback(_retrieve)
+
+    def _drop_slow_consumer(self) -> None:
+        """Its queue is full, so not even a close frame fits: drop the connection itself."""
+        metrics.WEBSOCKET_SLOW.labels(self.route).inc()
+        _log.warning("slow websocket consumer disconnected", handler=self.route, request_id=self.request_id)
+        if self.ws_connection is not None and self.ws_connection.stream is not None:
+            self.ws_connection.stream.close()
 
 
 class EchoSocket(TrackedSocket):
