@@ -9,6 +9,9 @@ history, so a restart does not make `rate()` jump backwards.
 Labels are bounded: `handler` is a route's name (unknown paths share `not_found`), `method` one
 of the standard verbs or `other`, `worker` a worker id (0..n-1, stable across restarts).
 
+Every metric a worker writes has labels, so importing this module in the supervisor creates no
+value and so no file: each worker's files are made by that worker, after the fork.
+
 This module is a leaf: everything may import it and it imports nothing from the service.
 """
 
@@ -56,7 +59,9 @@ WEBSOCKET_SLOW = Counter(
     "tornado_websocket_slow_consumers_total",
     "WebSockets disconnected because their reader fell MAX_WRITE_BUFFER bytes behind", ["handler"],
 )
-LONG_POLLS = Gauge("tornado_long_polls_waiting", "Long polls waiting for a tick", multiprocess_mode="livesum")
+LONG_POLLS = Gauge(
+    "tornado_long_polls_waiting", "Long polls waiting for a tick", ["worker"], multiprocess_mode="livesum"
+)
 
 # -- the event loop and the worker processes -----------------------------------------------------
 LOOP_LAG = Histogram(
@@ -77,7 +82,10 @@ WORKER_FDS = Gauge(
 )
 
 # -- the supervisor ----------------------------------------------------------------------------
-WORKERS_ALIVE = Gauge("tornado_workers_alive", "Worker processes running", multiprocess_mode="livesum")
+WORKERS_ALIVE = Gauge(
+    "tornado_workers_alive", "Worker processes running (1 per live worker)", ["worker"],
+    multiprocess_mode="livesum",
+)
 WORKER_RESTARTS = Counter("tornado_worker_restarts_total", "Workers restarted after dying", ["worker"])
 BUILD_INFO = Gauge(
     "tornado_build_info", "Always 1; the labels say what is running",

@@ -58,7 +58,8 @@ class StopRequested(BaseException):
 
 def run(settings: Settings) -> int:
     logs.bind_process(role="supervisor", pid=os.getpid())
-    _log.info("starting", **version_info(), settings=describe(settings))
+    _log.info("starting", **version_info(), settings=describe(settings),
+              metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     workers = worker_count(settings)
     settings = fit_open_files(settings)
     slots = bind(settings, workers)

@@ -98,7 +98,7 @@ async def _serve(
     lag = LoopLagMonitor(metrics.LOOP_LAG.labels(label))
     lag.start()
     ticker.start()
-    metrics.WORKERS_ALIVE.set(1)
+    metrics.WORKERS_ALIVE.labels(label).set(1)
     housekeeping()
     state.ready = True
     _log.info("worker started", connections_cap=settings.max_connections)

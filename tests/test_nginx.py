@@ -188,7 +188,7 @@ def test_real_prometheus_scrapes_the_service_directly(
             backend.request("/api/hello")
         up = prometheus.wait_for('up{job="tornado"} == 1')
         assert up[0]["metric"]["instance"] == f"127.0.0.1:{backend.port}"
-        alive = prometheus.wait_for("tornado_workers_alive")
+        alive = prometheus.wait_for("sum(tornado_workers_alive)")
         assert float(alive[0]["value"][1]) == 2
         hello = prometheus.wait_for('sum(http_requests_total{handler="api_hello"})')
         assert float(hello[0]["value"][1]) >= 5

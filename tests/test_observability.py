@@ -10,6 +10,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import wsclient
 from conftest import ServiceProcess
@@ -224,3 +225,33 @@ def test_slow_websocket_consumer_is_disconnected_not_buffered(start_service: Sta
     memory = scrape(svc).total("tornado_worker_resident_memory_bytes", worker="0")
     assert memory < 200 * 1024 * 1024  # bounded, not 120 MB of queued echoes on top
     assert svc.request("/")[0] == 200
+
+
+def test_metrics_directory_is_wiped_and_filled_by_the_workers_only(
+    start_service: Start, tmp_path: Path
+) -> None:
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    (directory / "counter_999999.db").write_bytes(b"stale")  # a previous run's worker
+    svc = start_service(env={"PROMETHEUS_MULTIPROC_DIR": str(directory)})
+    svc.request("/api/hello")
+    eventually(svc, lambda s: s.total("http_requests_total", handler="api_hello") == 1)
+    pids = {int(path.stem.rsplit("_", 1)[1]) for path in directory.glob("*.db")}
+    workers = set(svc.live_workers().values())
+    assert 999999 not in pids
+    assert workers <= pids
+    parent_files = sorted(p.name for p in directory.glob(f"*_{svc.pid}.db"))
+    assert parent_files == [f"gauge_max_{svc.pid}.db"]  # the build info; nothing a worker writes
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(10) == 0
+    assert directory.exists()  # an operator's directory is kept
+
+
+def test_private_metrics_directory_is_removed_at_exit(start_service: Start) -> None:
+    env = {k: "" for k in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")}
+    svc = start_service(env=env)
+    directory = Path(svc.wait_for(lambda e: e.get("event") == "starting")["metrics_dir"])
+    assert directory.is_dir() and list(directory.glob("*.db"))
+    svc.signal(signal.SIGTERM)
+    assert svc.wait(10) == 0
+    assert not directory.exists()

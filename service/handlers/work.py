@@ -58,13 +58,14 @@ class PollHandler(BaseHandler):
         event: str | None = None
         if not app.state.draining:
             self._waiter = app.ticker.next_event()
-            metrics.LONG_POLLS.inc()
+            waiting = metrics.LONG_POLLS.labels(app.state.worker_id_header)
+            waiting.inc()
             try:
                 event = await asyncio.wait_for(self._waiter, timeout)
             except TimeoutError:
                 event = None
             finally:
-                metrics.LONG_POLLS.dec()
+                waiting.dec()
         if event is None:
             self.set_status(204)
             self.finish()
