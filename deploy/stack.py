@@ -16,6 +16,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -77,6 +78,7 @@ class Component:
     name: str
     command: list[str]
     url: str = ""
+    ready_port: int | None = None  # the next component starts once this port accepts connections
     stop_signal: int = signal.SIGTERM
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
@@ -87,6 +89,19 @@ class Component:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         threading.Thread(target=self._follow, daemon=True).start()
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """True once `ready_port` accepts a connection; False if the process died or time ran out."""
+        deadline = time.monotonic() + timeout
+        while self.ready_port is not None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.ready_port), timeout=1):
+                    return True
+            except OSError:
+                if not self.running() or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+        return True
 
     def _follow(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -117,8 +132,12 @@ class Stack:
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
-        for component in self.components:
+        for component in self.components:  # in order: each waits for what it depends on
             component.start(self.workdir)
+            if not component.wait_ready():
+                print(f"stack: {component.name} did not start; stopping the rest", flush=True)
+                self.stop()
+                return 1
         print("\n".join(["", "stack running (Ctrl-C stops it):",
                          *(f"  {c.name:>10}  {c.url}" for c in self.components if c.url), ""]), flush=True)
         code = 0
@@ -144,8 +163,8 @@ class Stack:
                     component.signal(signal.SIGKILL)
             time.sleep(0.1)
         for component in self.components:
-            assert component.proc is not None
-            component.proc.wait()
+            if component.proc is not None:  # a component after one that failed never started
+                component.proc.wait()
         print("stack: stopped", flush=True)
 
 
@@ -193,20 +212,23 @@ def main(argv: list[str] | None = None) -> int:
         Component("service", [sys.executable, "-m", "service", "--address", "127.0.0.1",
                               "--port", str(args.service_port), "--shutdown-grace", str(args.shutdown_grace),
                               *args.service_args],
-                  url=f"http://127.0.0.1:{args.service_port}  (direct; /metrics is scraped here)"),
+                  url=f"http://127.0.0.1:{args.service_port}  (direct; /metrics is scraped here)",
+                  ready_port=args.service_port),
         Component("nginx", nginx_command(conf), stop_signal=signal.SIGQUIT,  # SIGQUIT: graceful
-                  url=f"http://127.0.0.1:{args.http_port}  https://127.0.0.1:{args.tls_port} (HTTP/2)"),
+                  url=f"http://127.0.0.1:{args.http_port}  https://127.0.0.1:{args.tls_port} (HTTP/2)",
+                  ready_port=args.status_port),
         Component(
             "prometheus",
             prometheus_command(prom_yml, workdir / "prometheus" / "data", jobs["prometheus"]),
             url=f"http://127.0.0.1:{args.prometheus_port}",
+            ready_port=args.prometheus_port,
         ),
     ]
     if exporter_bin:
         components.append(Component(
             "exporter",
             [exporter_bin, f"-nginx.scrape-uri=http://127.0.0.1:{args.status_port}/stub_status",
-             f"-web.listen-address={exporter}"],
+             f"-web.listen-address={exporter}", "-nginx.retries=5", "-nginx.retry-interval=1s"],
             url=f"http://{exporter}/metrics",
         ))
     return Stack(components, ROOT, args.shutdown_grace).run()

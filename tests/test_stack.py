@@ -50,6 +50,7 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     for tool in ("nginx", "prometheus", "openssl"):
         require_tool(tool)
     proc, ports = _start(tmp_path / "stack")
+    failure: BaseException | None = None
     try:
         for name in ("http", "tls", "prometheus", "service"):
             wait_for_port(ports[name], timeout=30)
@@ -64,8 +65,12 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
                 break
             assert time.monotonic() < deadline, "Prometheus never scraped the service"
             time.sleep(0.5)
+    except BaseException as exc:
+        failure = exc
     finally:
         code, output, children = _stop(proc, signum)
+    if failure is not None:
+        raise AssertionError(f"stack output:\n{output[-4000:]}") from failure
     assert code == 0, output[-3000:]
     assert "stack running" in output and f"http://127.0.0.1:{ports['http']}" in output
     assert '"event":"shutdown complete"' in output  # the service drained
