@@ -53,7 +53,6 @@ class StopRequested(BaseException):
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def run(settings: Settings) -> int:

@@ -35,10 +35,6 @@ class Ticker:
     def stop(self) -> None:
         self._timer.stop()
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.add(subscriber)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,3 +52,26 @@ def test_help_documents_every_setting() -> None:
     assert result.returncode == 0
     for option in OPTIONS:
         assert option.env in result.stdout and option.cli in result.stdout
+
+
+def test_console_log_format_is_for_people() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--port", "0", "--address", "127.0.0.1", "--workers", "1",
+         "--log-format", "console"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "worker started" in line:
+                break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=15)
+    lines += rest.splitlines()
+    assert proc.returncode == 0
+    listening = next(line for line in lines if "listening" in line)
+    assert not listening.lstrip().startswith("{") and "[info" in listening
+    assert any("shutdown complete" in line for line in lines)
