@@ -231,25 +231,27 @@ def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str, 
         for sock in slot:
             sock.close()  # the port refuses new connections once the workers close theirs too
     children = _children()
-    _signal(children, signal.SIGTERM)
-    _reap_until(deadline, lambda: signals.repeated)
+    _signal(list(children), signal.SIGTERM)
+    _reap_until(deadline, children, lambda: signals.repeated)
     if signals.repeated:
         _log.warning("second signal: stopping workers at once")
-        return _kill_remaining()
+        return _kill_remaining(children)
     if _children():
         _log.warning("shutdown grace ran out: killing workers", grace_seconds=settings.shutdown_grace)
-        return _kill_remaining()
+        return _kill_remaining(children)
     _log.info("shutdown complete", workers=len(children))
     return 0
 
 
-def _kill_remaining() -> int:
-    _signal(_children(), signal.SIGKILL)
-    _reap_until(time.monotonic() + 5.0)
+def _kill_remaining(children: dict[int, int | None]) -> int:
+    _signal(list(_children()), signal.SIGKILL)
+    _reap_until(time.monotonic() + 5.0, children)
     return 1
 
 
-def _reap_until(deadline: float, interrupted: Callable[[], bool] = lambda: False) -> None:
+def _reap_until(
+    deadline: float, workers: dict[int, int | None], interrupted: Callable[[], bool] = lambda: False
+) -> None:
     """Collect exited workers, logging how each ended, until none is left or the deadline passes."""
     while time.monotonic() < deadline and not interrupted():
         try:
@@ -261,17 +263,23 @@ def _reap_until(deadline: float, interrupted: Callable[[], bool] = lambda: False
             continue
         metrics.mark_dead(pid)
         code = os.waitstatus_to_exitcode(status)
+        worker_id = workers.get(pid)
         if code < 0:
-            _log.warning("worker exited", worker_pid=pid, signal=signal.Signals(-code).name)
+            _log.warning("worker exited", worker=worker_id, worker_pid=pid, signal=signal.Signals(-code).name)
         else:
-            _log.info("worker exited", worker_pid=pid, exit_code=code)
+            _log.info("worker exited", worker=worker_id, worker_pid=pid, exit_code=code)
 
 
-def _children() -> list[int]:
-    try:
-        return [child.pid for child in psutil.Process().children()]
-    except psutil.Error:
-        return []
+def _children() -> dict[int, int | None]:
+    """The workers still running, pid -> worker id (read from the process name each one sets)."""
+    found: dict[int, int | None] = {}
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children():
+            try:
+                found[child.pid] = worker.worker_id_of(child.name())
+            except psutil.Error:
+                continue
+    return found
 
 
 def _signal(pids: list[int], signum: int) -> None:

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import uvloop
@@ -35,7 +36,14 @@ from service.state import WorkerState
 from service.ticker import Ticker
 
 GOING_AWAY = 1001
+NAME_PREFIX = "tornado-w"  # worker N is named tornado-wN (comm): for ps, top, and the supervisor
 _log = logs.get_logger("service.worker")
+
+
+def worker_id_of(process_name: str) -> int | None:
+    """The worker id in a process name set by `run`, or None for any other process."""
+    suffix = process_name.removeprefix(NAME_PREFIX)
+    return int(suffix) if suffix != process_name and suffix.isdigit() else None
 
 
 def drain_budget(grace: float) -> float:
@@ -50,6 +58,8 @@ def run(worker_id: int, sockets: list[socket.socket], settings: Settings, superv
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logs.bind_process(worker=worker_id, pid=os.getpid())
+    with contextlib.suppress(OSError):  # Linux only; a name is a convenience, not a requirement
+        Path("/proc/self/comm").write_text(f"{NAME_PREFIX}{worker_id}")
     return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid))
 
 

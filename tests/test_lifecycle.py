@@ -108,6 +108,14 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: S
     assert elapsed < 6, f"took {elapsed:.1f}s, longer than the grace"
     assert _gone(workers, 1)
     assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
+    exits = svc.named("worker exited")
+    assert sorted(e["worker"] for e in exits) == [0, 1] and {e["exit_code"] for e in exits} == {0}
+
+
+def test_workers_are_named_for_ps(start_service: Start) -> None:
+    svc = start_service()
+    names = {wid: psutil.Process(pid).name() for wid, pid in svc.live_workers().items()}
+    assert names == {0: "tornado-w0", 1: "tornado-w1"}
 
 
 def test_draining_worker_answers_not_ready(start_service: Start) -> None:
