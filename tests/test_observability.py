@@ -20,7 +20,9 @@ Start = Callable[..., ServiceProcess]
 
 
 def test_request_counts_sum_over_workers_whichever_answers(start_service: Start) -> None:
-    svc = start_service()
+    # SO_REUSEPORT spreads new connections over the workers by hash; with one shared socket an
+    # idle machine may hand every connection to the same worker, and this test needs both.
+    svc = start_service("--reuse-port")
     n = 40
     answered_by = {svc.request("/api/hello")[1]["x-worker-id"] for _ in range(n)}
     assert len(answered_by) == 2, "requests should have been spread over both workers"
