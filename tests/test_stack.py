@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -59,8 +60,11 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
         deadline = time.monotonic() + 30
         while True:  # Prometheus has scraped the service
             query = f"http://127.0.0.1:{ports['prometheus']}/api/v1/query?query=up%7Bjob%3D%22tornado%22%7D"
-            with urllib.request.urlopen(query, timeout=10) as response:
-                result = json.load(response)["data"]["result"]
+            try:
+                with urllib.request.urlopen(query, timeout=10) as response:
+                    result = json.load(response)["data"]["result"]
+            except urllib.error.HTTPError:  # 503 while Prometheus opens its storage
+                result = []
             if result and result[0]["value"][1] == "1":
                 break
             assert time.monotonic() < deadline, "Prometheus never scraped the service"
