@@ -192,7 +192,7 @@ def test_grace_running_out_ends_the_drain(start_service: Start) -> None:
     signalled = time.monotonic()
     svc.signal(signal.SIGTERM)
     svc.wait(10)
-    assert time.monotonic() - signalled < 3
+    assert time.monotonic() - signalled < 4  # the grace (2 s), plus room for a loaded machine
     assert _gone(workers, 1)
     thread.join(5)
     assert isinstance(result[0], Exception), "the cut request must fail, not hang"
