@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,16 @@ def _seconds(low: float, *, above: bool = False, high: float = 86_400.0) -> Call
     return parse
 
 
+def _address(raw: str) -> str:
+    value = raw.strip()
+    if value:
+        try:
+            socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except (OSError, UnicodeError) as exc:
+            raise SettingError(f"not an address of this machine ({exc})") from None
+    return value
+
+
 def _fraction(raw: str) -> float:
     try:
         value = float(raw)
@@ -135,7 +146,7 @@ class _Option:
 
 OPTIONS: tuple[_Option, ...] = (
     _Option("port", "PORT", _int_in(0, 65535), "TCP port to listen on (0 picks a free port, logged)"),
-    _Option("address", "ADDRESS", str, "address to bind; empty means every interface, IPv4 and IPv6"),
+    _Option("address", "ADDRESS", _address, "address to bind; empty means every interface, IPv4 and IPv6"),
     _Option(
         "workers",
         "WEB_CONCURRENCY",

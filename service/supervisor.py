@@ -61,7 +61,12 @@ def run(settings: Settings) -> int:
               metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
     workers = worker_count(settings)
     settings = fit_open_files(settings)
-    slots = bind(settings, workers)
+    try:
+        slots = bind(settings, workers)
+    except OSError as exc:  # in use, or not an address of this host: say which setting to change
+        _log.error("cannot listen: check PORT and ADDRESS", port=settings.port,
+                   address=settings.address or "*", error=str(exc))
+        return 1
     _log.info("listening", addresses=[_address(s) for s in slots[0]], port=slots[0][0].getsockname()[1],
               reuse_port=settings.reuse_port, backlog=settings.backlog)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -75,3 +77,21 @@ def test_console_log_format_is_for_people() -> None:
     listening = next(line for line in lines if "listening" in line)
     assert not listening.lstrip().startswith("{") and "[info" in listening
     assert any("shutdown complete" in line for line in lines)
+
+
+def test_unusable_address_exits_2_naming_it() -> None:
+    result = _run("--address", "no-such-host.invalid")
+    assert result.returncode == 2 and "ADDRESS" in result.stderr
+
+
+def test_port_in_use_is_one_json_error_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("--address", "127.0.0.1", "--port", str(port), "--workers", "1")
+    assert result.returncode == 1
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    [error] = [e for e in events if e["level"] == "error"]
+    assert error["event"] == "cannot listen: check PORT and ADDRESS" and error["port"] == port
+    assert "in use" in error["error"]
