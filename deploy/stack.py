@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -73,6 +74,19 @@ def prometheus_command(config: Path, data: Path, listen: str) -> list[str]:
             f"--web.listen-address={listen}", "--storage.tsdb.retention.time=2d", "--log.level=warn"]
 
 
+def port_open(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Wait until 127.0.0.1:port accepts a connection; False once `alive()` fails or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            if not alive() or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
 @dataclass
 class Component:
     name: str
@@ -92,16 +106,7 @@ class Component:
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """True once `ready_port` accepts a connection; False if the process died or time ran out."""
-        deadline = time.monotonic() + timeout
-        while self.ready_port is not None:
-            try:
-                with socket.create_connection(("127.0.0.1", self.ready_port), timeout=1):
-                    return True
-            except OSError:
-                if not self.running() or time.monotonic() > deadline:
-                    return False
-                time.sleep(0.05)
-        return True
+        return self.ready_port is None or port_open(self.ready_port, timeout, alive=self.running)
 
     def _follow(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

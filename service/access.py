@@ -26,7 +26,10 @@ def request_observer(enabled: bool, sample: float, **fields: object) -> Callable
     def observe(handler: RequestHandler) -> None:
         request = handler.request
         status = handler.get_status()
-        route = handler.route if isinstance(handler, ServiceHandler) else "not_found"
+        if isinstance(handler, ServiceHandler):
+            route, request_id, sent = handler.route, handler.request_id, handler.response_bytes
+        else:  # not one of ours (none is routed today): counted under the shared label
+            route, request_id, sent = "not_found", None, 0
         method = metrics.method_label(request.method)
         duration = request.request_time()
         key = (method, route, status)
@@ -47,8 +50,8 @@ def request_observer(enabled: bool, sample: float, **fields: object) -> Callable
             handler=route,
             status=status,
             duration_ms=round(duration * 1000.0, 3),
-            bytes=getattr(handler, "response_bytes", 0),
-            request_id=getattr(handler, "request_id", None),
+            bytes=sent,
+            request_id=request_id,
             client_ip=request.remote_ip,
             user_agent=request.headers.get("User-Agent", ""),
         )

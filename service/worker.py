@@ -68,7 +68,7 @@ async def _serve(
 ) -> int:
     loop = asyncio.get_running_loop()
     state = WorkerState(worker_id)
-    label = str(worker_id)
+    label = state.worker_id_header  # the `worker` label of every per-worker metric
     ticker = Ticker(settings.tick_interval, worker_id)
     server = LimitedHTTPServer(
         ServiceApp(settings, state, ticker),

@@ -29,15 +29,8 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    if not stack.port_open(port, timeout):
+        raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 class Nginx:

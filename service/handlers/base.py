@@ -47,6 +47,7 @@ class ServiceHandler(RequestHandler):
     """Identity headers, request ids and JSON errors, for HTTP and WebSocket handlers alike."""
 
     route = "not_found"
+    request_id = ""
     response_bytes = 0
 
     def initialize(self, route: str = "not_found") -> None:
@@ -55,8 +56,6 @@ class ServiceHandler(RequestHandler):
     @property
     def app(self) -> ServiceApp:
         return cast("ServiceApp", self.application)
-
-    request_id = ""
 
     def set_default_headers(self) -> None:
         """Runs when the handler is made (and again if an error resets the response)."""
