@@ -6,9 +6,12 @@ ARGS   ?=
 
 # Debian packages: what `make stack` runs, and what the tests talk to (they run the real things).
 STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
-TEST_DEBS := util-linux nginx prometheus openssl curl
+# Podman builds and runs the images in the tests (deploy/Dockerfile, deploy/compose.yaml);
+# debootstrap makes the stand-in base image, dnsname lets compose services find each other.
+CONTAINER_DEBS := podman runc debootstrap golang-github-containernetworking-plugin-dnsname
+TEST_DEBS := util-linux nginx prometheus openssl curl $(CONTAINER_DEBS)
 
-.PHONY: run test stack bench lint clean
+.PHONY: run test stack bench image lint clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -45,8 +48,25 @@ stack: $(VENV)/.runtime
 	@scripts/install-debian.sh $(STACK_DEBS)
 	$(BIN)/python -m deploy.stack $(ARGS)
 
+## image: build the service and Nginx images, then print their sizes and layers; BASE_IMAGE=... to
+## build on another Debian-based Python image (the tests use a local stand-in, see tests/podman.py)
+CONTAINER_TOOL ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null || echo docker)
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' service/__init__.py)
+BASE_IMAGE ?=
+image:
+	$(CONTAINER_TOOL) build --format docker -f deploy/Dockerfile -t localhost/tornado-service:$(VERSION) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+	$(CONTAINER_TOOL) build --format docker -f deploy/nginx.Dockerfile -t localhost/tornado-nginx:$(VERSION) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$$(git rev-parse HEAD) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PYTHON_IMAGE=$(BASE_IMAGE)) .
+	@for image in tornado-service tornado-nginx; do \
+		echo; $(CONTAINER_TOOL) image ls localhost/$$image:$(VERSION); \
+		$(CONTAINER_TOOL) history --format '{{.Size}}\t{{.CreatedBy}}' localhost/$$image:$(VERSION) | grep -v '^0 B'; \
+	done
+
 lint: $(VENV)/.test
 	$(BIN)/ruff check service tests bench nginx deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build .stack
