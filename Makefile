@@ -9,7 +9,7 @@ STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
 # Podman builds and runs the images in the tests (deploy/Dockerfile, deploy/compose.yaml);
 # debootstrap makes the stand-in base image, dnsname lets compose services find each other.
 CONTAINER_DEBS := podman runc debootstrap golang-github-containernetworking-plugin-dnsname
-TEST_DEBS := util-linux nginx prometheus openssl curl $(CONTAINER_DEBS)
+TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl $(CONTAINER_DEBS)
 
 .PHONY: run test stack bench image lint clean
 

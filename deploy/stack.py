@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -29,6 +29,8 @@ from types import FrameType
 from nginx import render as nginx_render
 
 ROOT = Path(__file__).resolve().parent.parent
+# The same recording rules and alerts as deploy/compose.yaml's Prometheus (one source).
+RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
 
 
 
@@ -60,10 +62,12 @@ def nginx_command(conf: Path, error_log: Path | str = "/dev/stderr") -> list[str
     return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"]
 
 
-def prometheus_config(jobs: dict[str, str], interval: str = "5s") -> str:
+def prometheus_config(jobs: dict[str, str], interval: str = "5s", rule_files: Sequence[Path] = ()) -> str:
     """prometheus.yml with one job per target; the service is scraped directly, never via Nginx."""
-    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}",
-             "scrape_configs:"]
+    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}"]
+    if rule_files:
+        lines += ["rule_files:", *(f"  - '{path}'" for path in rule_files)]
+    lines.append("scrape_configs:")
     for job, target in jobs.items():
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: ['{target}']"]
     return "\n".join(lines) + "\n"
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {"tornado": f"127.0.0.1:{args.service_port}", "prometheus": f"127.0.0.1:{args.prometheus_port}"}
     if exporter:
         jobs["nginx"] = exporter
-    prom_yml.write_text(prometheus_config(jobs))
+    prom_yml.write_text(prometheus_config(jobs, rule_files=RULE_FILES))
 
     components = [
         Component("service", [sys.executable, "-m", "service", "--address", "127.0.0.1",

@@ -9,14 +9,19 @@ history, so a restart does not make `rate()` jump backwards.
 Labels are bounded: `handler` is a route's name (unknown paths share `not_found`), `method` one
 of the standard verbs or `other`, `worker` a worker id (0..n-1, stable across restarts).
 
-Every metric a worker writes has labels, so importing this module in the supervisor creates no
-value and so no file: each worker's files are made by that worker, after the fork.
+Every metric has labels, so importing this module creates no value and so no file. The
+supervisor writes three things of its own: the build info, and a 0 for every worker id in
+`tornado_worker_restarts_total` and `tornado_workers_alive` (`declare_workers`), so those series
+exist from the start and `increase()` sees the first restart. Nothing is counted twice: a forked
+worker inherits the parent's values, but prometheus-client notices the new pid at the worker's
+first metric write, opens files of its own and re-reads every inherited value from them (0).
 
 This module is a leaf: everything may import it and it imports nothing from the service.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -42,6 +47,10 @@ IN_PROGRESS = Gauge(  # sampled once a second, not touched per request (it would
 # -- connections -------------------------------------------------------------------------------
 CONNECTIONS = Gauge(
     "tornado_connections_open", "Open TCP connections (HTTP and WebSocket), per worker",
+    ["worker"], multiprocess_mode="livemax",
+)
+MAX_CONNECTIONS = Gauge(  # the cap, so an alert can say how close to it a worker is
+    "tornado_max_connections", "MAX_CONNECTIONS: open connections a worker holds before refusing with 503",
     ["worker"], multiprocess_mode="livemax",
 )
 CONNECTIONS_REFUSED = Counter(
@@ -80,6 +89,10 @@ WORKER_FDS = Gauge(
     "tornado_worker_open_fds", "Open file descriptors of the worker process",
     ["worker"], multiprocess_mode="livemax",
 )
+WORKER_MAX_FDS = Gauge(  # the other half of the ratio an alert watches: open / limit
+    "tornado_worker_max_fds", "Open-files soft limit (RLIMIT_NOFILE) of the worker process",
+    ["worker"], multiprocess_mode="livemax",
+)
 
 # -- the supervisor ----------------------------------------------------------------------------
 WORKERS_ALIVE = Gauge(
@@ -102,6 +115,21 @@ def mark_dead(pid: int) -> None:
     multiprocess.mark_process_dead(pid)
 
 
+def declare_workers(workers: int) -> None:
+    """In the supervisor, before the fork: every worker id's restart count and liveness exist at 0.
+
+    A series that appears only at its first increment hides that increment from `increase()`
+    and `rate()` (there is no earlier sample to compare with), so a worker's first restart would
+    never alert. `tornado_workers_alive` is a livesum: the supervisor's file contributes this 0
+    for as long as the service runs, each live worker adds its 1, and a dead worker's 1 leaves
+    with its file (`mark_dead`), so a worker that is down reads 0 instead of vanishing.
+    """
+    for worker_id in range(workers):
+        label = str(worker_id)
+        WORKER_RESTARTS.labels(label).inc(0)
+        WORKERS_ALIVE.labels(label).set(0)
+
+
 def sample_process(worker: str, process: psutil.Process) -> None:
     """Per-worker figures the multiprocess collector does not export by itself."""
     with process.oneshot():
@@ -109,6 +137,9 @@ def sample_process(worker: str, process: psutil.Process) -> None:
         WORKER_CPU.labels(worker).set(cpu.user + cpu.system)
         WORKER_MEMORY.labels(worker).set(process.memory_info().rss)
         WORKER_FDS.labels(worker).set(process.num_fds())
+    # Read each time, not once: the limit can be changed from outside (prlimit) while we run.
+    soft = process.rlimit(psutil.RLIMIT_NOFILE)[0]
+    WORKER_MAX_FDS.labels(worker).set(math.inf if soft == psutil.RLIM_INFINITY else soft)
 
 
 def renderer() -> Callable[[str | None], tuple[bytes, str]]:

@@ -71,6 +71,7 @@ def run(settings: Settings) -> int:
               reuse_port=settings.reuse_port, backlog=settings.backlog)
 
     metrics.BUILD_INFO.labels(**version_info(), workers=str(workers)).set(1)
+    metrics.declare_workers(workers)  # restarts and liveness at 0 per worker id, before any fork
     signals = StopSignals(os.getpid())
     logging.getLogger("tornado.general").addFilter(ForkEvents(signals.supervisor_pid))
     try:

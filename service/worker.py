@@ -109,6 +109,7 @@ async def _serve(
     lag.start()
     ticker.start()
     metrics.WORKERS_ALIVE.labels(label).set(1)
+    metrics.MAX_CONNECTIONS.labels(label).set(settings.max_connections)  # as fitted to the fd limit
     housekeeping()
     state.ready = True
     _log.info("worker started", connections_cap=settings.max_connections)

@@ -14,6 +14,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,16 @@ class Nginx:
 
 
 class Prometheus:
-    def __init__(self, workdir: Path, scrape: dict[str, str]) -> None:
+    def __init__(
+        self, workdir: Path, scrape: dict[str, str], rule_files: Sequence[Path] = (),
+        scrape_interval: str = "1s",
+    ) -> None:
+        """`scrape`: job name -> target; `rule_files` are loaded as they are (recording and alerting)."""
         require_tool("prometheus")
         self.port = free_port()
         self.config = workdir / "prometheus.yml"
-        self.config.write_text(stack.prometheus_config(scrape, interval="1s"))
+        config = stack.prometheus_config(scrape, interval=scrape_interval, rule_files=rule_files)
+        self.config.write_text(config)
         self.data = workdir / "data"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -53,10 +53,11 @@ def test_unknown_paths_share_one_label(start_service: Start) -> None:
 
 def test_in_progress_rises_during_sleep_and_falls_after(start_service: Start) -> None:
     svc = start_service()
-    threads = [threading.Thread(target=svc.request, args=("/api/sleep?ms=1500",)) for _ in range(3)]
+    threads = [threading.Thread(target=svc.request, args=("/api/sleep?ms=3000",)) for _ in range(3)]
     for thread in threads:
         thread.start()
-    # Sampled once a second per worker, so the scrape itself is never in it.
+    # Sampled once a second per worker, so the scrape itself is never in it; the sleeps outlast
+    # a few samples, so every worker's latest sample sees its share at once even on a busy machine.
     during = eventually(svc, lambda s: s.total("http_requests_in_progress") == 3)
     for thread in threads:
         thread.join()
@@ -104,6 +105,55 @@ def test_killed_workers_live_gauges_vanish_counters_stay(start_service: Start) -
         conn.close()
 
     wsclient.run(scenario())
+
+
+def test_per_worker_series_exist_at_zero_from_the_start(start_service: Start) -> None:
+    """`increase()` needs a sample before the first restart, so the 0 must be there at start."""
+    svc = start_service()
+    fresh = eventually(svc, lambda s: s.total("tornado_workers_alive") == 2)
+    for worker in ("0", "1"):
+        assert {"worker": worker} in fresh.series("tornado_worker_restarts_total")
+        assert fresh.total("tornado_worker_restarts_total", worker=worker) == 0
+        assert fresh.total("tornado_workers_alive", worker=worker) == 1  # not 2: the parent adds 0
+    assert len(fresh.series("tornado_worker_restarts_total")) == 2
+    assert len(fresh.series("tornado_workers_alive")) == 2
+
+    victim, victim_pid = next(iter(svc.live_workers().items()))
+    survivor = str(1 - victim)
+    mark = len(svc.events)
+    os.kill(victim_pid, signal.SIGKILL)
+    svc.wait_for(lambda e: e.get("event") == "worker started" and e["worker"] == victim, after=mark)
+    after = eventually(svc, lambda s: s.total("tornado_workers_alive") == 2)
+    assert after.total("tornado_worker_restarts_total", worker=str(victim)) == 1  # once, not per process
+    assert after.total("tornado_worker_restarts_total", worker=survivor) == 0
+    assert after.total("tornado_workers_alive", worker=str(victim)) == 1
+
+
+def test_a_worker_that_is_gone_reads_zero_alive(start_service: Start) -> None:
+    """A worker that exits 0 is not restarted: its liveness must read 0, not vanish (the alert)."""
+    svc = start_service()
+    victim, victim_pid = next(iter(svc.live_workers().items()))
+    mark = len(svc.events)
+    os.kill(victim_pid, signal.SIGTERM)  # to the worker alone: it drains and exits 0
+    svc.wait_for(lambda e: e.get("event") == "worker exited" and e["worker"] == victim, after=mark)
+    after = eventually(svc, lambda s: s.total("tornado_workers_alive") == 1)
+    assert {"worker": str(victim)} in after.series("tornado_workers_alive")
+    assert after.total("tornado_workers_alive", worker=str(victim)) == 0
+    assert after.total("tornado_worker_restarts_total", worker=str(victim)) == 0  # an exit, not a restart
+
+
+def test_caps_are_exported_beside_what_they_cap(start_service: Start) -> None:
+    """The alerts divide connections and descriptors by these: same `worker` label, one to one."""
+    svc = start_service("--max-connections", "500")
+    result = eventually(
+        svc, lambda s: {lbl["worker"] for lbl in s.series("tornado_worker_max_fds")} == {"0", "1"}
+    )
+    for worker in ("0", "1"):
+        assert result.total("tornado_max_connections", worker=worker) == 500
+        limit = result.total("tornado_worker_max_fds", worker=worker)
+        assert limit >= 500 + 256  # the supervisor fits the open-files limit to the cap
+        assert result.total("tornado_worker_open_fds", worker=worker) < limit
+    assert sorted(lbl["worker"] for lbl in result.series("tornado_max_connections")) == ["0", "1"]
 
 
 def test_event_loop_lag_shows_blocking_work(start_service: Start) -> None:
@@ -243,7 +293,8 @@ def test_metrics_directory_is_wiped_and_filled_by_the_workers_only(
     assert 999999 not in pids
     assert workers <= pids
     parent_files = sorted(p.name for p in directory.glob(f"*_{svc.pid}.db"))
-    assert parent_files == [f"gauge_max_{svc.pid}.db"]  # the build info; nothing a worker writes
+    # The build info (max), and the per-worker zeros of restarts (counter) and liveness (livesum).
+    assert parent_files == [f"{kind}_{svc.pid}.db" for kind in ("counter", "gauge_livesum", "gauge_max")]
     svc.signal(signal.SIGTERM)
     assert svc.wait(10) == 0
     assert directory.exists()  # an operator's directory is kept
