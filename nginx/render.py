@@ -36,6 +36,9 @@ DEFAULTS: dict[str, str] = {
     "ACCESS_LOG": "/dev/stdout",
     "ERROR_LOG": "/dev/stderr",
     "USER_DIRECTIVE": "",  # e.g. "user nginx;" when the master runs as root
+    # Proxies in front of Nginx (an Ingress controller, a load balancer) whose X-Forwarded-For is
+    # believed, comma-separated addresses or CIDRs; empty: none, the peer is the client.
+    "REAL_IP_FROM": "",
 }
 UPSTREAM_REPEAT = 2  # why: see the comment on `upstream tornado` in the template
 
@@ -49,6 +52,15 @@ def upstream_servers(upstream: str) -> str:
     )
 
 
+def real_ip_directives(trusted: str) -> str:
+    """Nginx's realip module: the client is the last X-Forwarded-For hop not in `trusted`."""
+    sources = [a.strip() for a in trusted.split(",") if a.strip()]
+    if not sources:
+        return "    # REAL_IP_FROM is empty: no proxy in front, $remote_addr is the client."
+    lines = [f"    set_real_ip_from {source};" for source in sources]
+    return "\n".join([*lines, "    real_ip_header X-Forwarded-For;", "    real_ip_recursive on;"])
+
+
 def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -57,6 +69,7 @@ def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str
         name: overrides.get(name, environ.get(f"NGINX_{name}", default)) for name, default in DEFAULTS.items()
     }
     merged["UPSTREAM_SERVERS"] = upstream_servers(merged["UPSTREAM"])
+    merged["REAL_IP_DIRECTIVES"] = real_ip_directives(merged["REAL_IP_FROM"])
     return merged
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
@@ -49,6 +50,7 @@ class Settings:
     max_connections: int = 10_000
     max_write_buffer: int = 4 * 1024 * 1024
     max_restarts: int = 100
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
 class SettingError(ValueError):
@@ -110,6 +112,19 @@ def _workers(raw: str) -> int | None:
         return _int_in(1, 1024)(raw)
     except SettingError as exc:
         raise SettingError(f"{exc} (or 'auto')") from None
+
+
+def _proxies(raw: str) -> tuple[str, ...]:
+    """`*`, or comma-separated addresses and CIDRs; empty trusts no one."""
+    items = tuple(item.strip() for item in raw.split(",") if item.strip())
+    if items == ("*",):
+        return items
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingError(f"{item!r} is not an IP address or CIDR ('*' alone: any peer)") from None
+    return items
 
 
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
@@ -231,6 +246,13 @@ OPTIONS: tuple[_Option, ...] = (
         _int_in(0),
         "worker restarts after which the supervisor gives up and exits 1 (crash-loop bound)",
     ),
+    _Option(
+        "forwarded_allow_ips",
+        "FORWARDED_ALLOW_IPS",
+        _proxies,
+        "peers (addresses or CIDRs, comma-separated; '*' for any) whose X-Forwarded-For, X-Real-IP "
+        "and X-Forwarded-Proto are believed: your own proxy only",
+    ),
 )
 
 
@@ -247,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     for opt in OPTIONS:
         default = getattr(defaults, opt.field)
         shown = "auto" if default is None else (repr(default) if default == "" else default)
+        if isinstance(default, tuple):
+            shown = ",".join(default)
         help_text = f"{opt.help} [env {opt.env}; default {shown}]"
         if opt.parse is _boolean:
             parser.add_argument(

@@ -6,14 +6,23 @@ cap gets a one-line 503 and is closed at once, and the worker keeps serving the 
 
 WebSockets count too: Tornado forgets a connection once it is upgraded, so the count is kept
 here, on the streams themselves (a stream that closed is pruned when the count is read).
+
+Forwarded headers (X-Forwarded-For, X-Real-IP, X-Forwarded-Proto) say who the client is, and
+anyone can send them: they are believed only on connections from a trusted proxy
+(FORWARDED_ALLOW_IPS), else the peer's own address is the client's. Tornado's `xheaders` is
+all-or-nothing per server, so the choice is made per request here, wrapping the request in
+Tornado's own xheaders adapter (`_ProxyAdapter`, private: tests/test_forwarded.py pins what it
+does, and constraints.txt pins Tornado).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from tornado.httpserver import HTTPServer
+from tornado import httputil
+from tornado.httpserver import HTTPServer, _ProxyAdapter
 from tornado.iostream import IOStream
 
 _REFUSAL_BODY = b'{"error":"too many open connections","status":503}'
@@ -23,12 +32,40 @@ _REFUSAL = (
 )
 
 
+class TrustedProxies:
+    """Whether a peer address is one of FORWARDED_ALLOW_IPS; answers are remembered per address."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self.everyone = "*" in allowed
+        self.networks = [ipaddress.ip_network(item, strict=False) for item in allowed if item != "*"]
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, peer: str) -> bool:
+        known = self._known.get(peer)
+        if known is None:
+            known = self.everyone or self._lookup(peer)
+            if len(self._known) < 4096:  # peers are proxies, a handful; never grow without bound
+                self._known[peer] = known
+        return known
+
+    def _lookup(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:  # not an IP peer (a Unix socket): nothing to trust
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+
 class LimitedHTTPServer(HTTPServer):
     def initialize(
         self, *args: Any, max_connections: int = 10_000, max_write_buffer: int | None = None,
-        on_refuse: Callable[[], None] = lambda: None, **kwargs: Any,
+        on_refuse: Callable[[], None] = lambda: None,
+        trust_forwarded: Callable[[str], bool] = lambda _: False, **kwargs: Any,
     ) -> None:
-        super().initialize(*args, **kwargs)
+        super().initialize(*args, **kwargs)  # without xheaders: start_request decides per peer
+        self.trust_forwarded = trust_forwarded
         self.max_connections = max_connections
         self.max_write_buffer = max_write_buffer
         self.on_refuse = on_refuse
@@ -53,3 +90,12 @@ class LimitedHTTPServer(HTTPServer):
         stream.max_write_buffer_size = self.max_write_buffer
         self._streams.add(stream)
         super().handle_stream(stream, address)
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        delegate = super().start_request(server_conn, request_conn)
+        address = getattr(getattr(request_conn, "context", None), "address", None)  # the TCP peer
+        if isinstance(address, tuple) and self.trust_forwarded(str(address[0])):
+            delegate = _ProxyAdapter(delegate, request_conn)
+        return delegate

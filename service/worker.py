@@ -31,7 +31,7 @@ from service import logs, metrics
 from service.app import ServiceApp
 from service.config import Settings
 from service.looplag import LoopLagMonitor
-from service.server import LimitedHTTPServer
+from service.server import LimitedHTTPServer, TrustedProxies
 from service.state import WorkerState
 from service.ticker import Ticker
 
@@ -72,7 +72,7 @@ async def _serve(
     ticker = Ticker(settings.tick_interval, worker_id)
     server = LimitedHTTPServer(
         ServiceApp(settings, state, ticker),
-        xheaders=True,
+        trust_forwarded=TrustedProxies(settings.forwarded_allow_ips),
         max_body_size=settings.max_body_size,
         max_header_size=settings.max_header_size,
         idle_connection_timeout=settings.idle_timeout,

@@ -51,6 +51,9 @@ def test_defaults_with_no_flags_and_an_empty_environment() -> None:
         ({"REUSE_PORT": "1"}, "reuse_port", True),
         ({"REUSE_PORT": "false"}, "reuse_port", False),
         ({"REUSE_PORT": "off"}, "reuse_port", False),
+        ({"FORWARDED_ALLOW_IPS": "10.0.0.0/8, ::1"}, "forwarded_allow_ips", ("10.0.0.0/8", "::1")),
+        ({"FORWARDED_ALLOW_IPS": "*"}, "forwarded_allow_ips", ("*",)),
+        ({"FORWARDED_ALLOW_IPS": ""}, "forwarded_allow_ips", ()),
     ],
 )
 def test_environment_values_are_parsed(environ: dict[str, str], field: str, expected: Any) -> None:
@@ -94,6 +97,9 @@ def test_a_flag_wins_over_its_variable(
         ([], {"DRAIN_DELAY": "20"}, "DRAIN_DELAY", "--drain-delay"),  # equal to the default grace
         ([], {"DRAIN_DELAY": "10", "SHUTDOWN_GRACE": "5"}, "DRAIN_DELAY", "--drain-delay"),
         (["--drain-delay", "6"], {"SHUTDOWN_GRACE": "5"}, "DRAIN_DELAY", "--drain-delay"),
+        ([], {"FORWARDED_ALLOW_IPS": "nginx"}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
+        ([], {"FORWARDED_ALLOW_IPS": "10.0.0.0/33"}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
+        (["--forwarded-allow-ips", "*,10.0.0.1"], {}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
     ],
 )
 def test_invalid_values_exit_2_naming_the_setting(
