@@ -7,8 +7,9 @@ ARGS   ?=
 # Debian packages: what `make stack` runs, and what the tests talk to (they run the real things).
 STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
 # Podman builds and runs the images in the tests (deploy/Dockerfile, deploy/compose.yaml);
-# debootstrap makes the stand-in base image, dnsname lets compose services find each other.
-CONTAINER_DEBS := podman runc debootstrap golang-github-containernetworking-plugin-dnsname
+# debootstrap makes the stand-in base image, dnsname lets compose services find each other,
+# catatonit is the pause process of `podman kube play` pods.
+CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
 TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl $(CONTAINER_DEBS)
 
 .PHONY: run test stack bench image lint clean

@@ -210,3 +210,11 @@ def service() -> Iterator[ServiceProcess]:
     yield svc
     svc.stop()
     assert not svc.bad_lines, f"non-JSON lines on stdout: {svc.bad_lines[:5]}"
+
+
+@pytest.fixture(scope="session")
+def container_images() -> Any:
+    """The images built from this tree with podman (tests/podman.py), once per test session."""
+    from podman import build_all
+
+    return build_all()

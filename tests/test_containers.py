@@ -24,7 +24,7 @@ import wsclient
 import yaml
 from conftest import ROOT, require_tool
 from podman import ENV as PODMAN_ENV
-from podman import Images, build_all, compose_command, podman, running, wait_http
+from podman import Images, compose_command, podman, running, wait_http
 from proxy import free_port
 
 pytestmark = pytest.mark.timeout(900)
@@ -34,8 +34,8 @@ IMAGE_GRACE = 8.0  # SHUTDOWN_GRACE set in deploy/Dockerfile, under `podman stop
 
 
 @pytest.fixture(scope="module")
-def images() -> Images:
-    return build_all()
+def images(container_images: Images) -> Images:
+    return container_images
 
 
 # -- the image ---------------------------------------------------------------------------------
