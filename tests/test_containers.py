@@ -30,7 +30,6 @@ from proxy import free_port
 pytestmark = pytest.mark.timeout(900)
 
 COMPOSE_FILE = ROOT / "deploy" / "compose.yaml"
-IMAGE_GRACE = 8.0  # SHUTDOWN_GRACE set in deploy/Dockerfile, under `podman stop`'s 10 s
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +100,16 @@ def test_podman_stop_drains_a_request_in_flight_and_exits_0(images: Images) -> N
             conn.sendall(b"GET /api/hello HTTP/1.1\r\nHost: x\r\n\r\n")
             assert conn.recv(4096).startswith(b"HTTP/1.1 200")
             conn.sendall(b"GET /api/sleep?ms=2000 HTTP/1.1\r\nHost: x\r\n\r\n")
-            started = time.monotonic()
             stop = subprocess.run(["podman", "stop", "-t", "10", box_id], env=dict(PODMAN_ENV),
                                   capture_output=True, text=True, timeout=30)
-            stopped_after = time.monotonic() - started
             answer = read_http_response(conn)
         assert stop.returncode == 0, stop.stderr
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         assert b'"slept_ms":2000' in answer
         state = json.loads(podman("inspect", box_id).stdout)[0]["State"]
+        # 0, not 137: the drain ended within the image's SHUTDOWN_GRACE (8 s), before podman's
+        # 10 s ran out and SIGKILLed; the supervisor itself exits 1 when its grace runs out
         assert state["ExitCode"] == 0, state
-        assert stopped_after < IMAGE_GRACE, f"stop took {stopped_after:.1f}s"
         logs = podman("logs", box_id).stdout
         assert '"shutdown complete"' in logs
     finally:

@@ -136,17 +136,15 @@ def test_pod_stop_drains_without_a_failed_request(pod: dict[str, Any]) -> None:
         thread.start()
     time.sleep(0.5)  # let the three requests reach the service before the stop (no event to await)
     grace = pod["deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    began = time.monotonic()
     podman("stop", "-t", str(grace), f"{pod['pod']}-service", timeout=grace + 30)
-    took = time.monotonic() - began
     for thread in threads:
         thread.join(30)
     socket_thread.join(30)
     assert [status for status, _ in results] == [200, 200, 200], results
     assert close_codes == [1001], close_codes
-    assert took < grace, f"the pod took {took:.1f}s to stop, more than its grace"
     sidecars = [f"{pod['pod']}-nginx", f"{pod['pod']}-nginx-exporter"]
     podman("stop", "-t", str(grace), *sidecars, timeout=grace + 30)
+    # exit 0 for both: no SIGKILL at the end of the grace (137), no grace run out in the service (1)
     for name in ("service", "nginx"):  # the exporter has nothing to drain
         state = json.loads(podman("inspect", f"{pod['pod']}-{name}").stdout)[0]["State"]
         assert (state["Status"], state["ExitCode"]) == ("exited", 0), (name, state)

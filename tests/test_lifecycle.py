@@ -95,17 +95,14 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: S
     workers = svc.tree()
     thread, result = _in_background(lambda: svc.get_json("/api/sleep?ms=2000", timeout=10))
     time.sleep(0.5)  # the request is in flight
-    signalled = time.monotonic()
     svc.signal(signal.SIGTERM)
     svc.wait_for(lambda e: e.get("event") == "shutting down")
     time.sleep(0.3)
     assert _refused(svc.port), "new connections must be refused while draining"
-    assert svc.wait(10) == 0
-    elapsed = time.monotonic() - signalled
+    assert svc.wait(10) == 0  # 0: within the grace (its running out means SIGKILLed workers and 1)
     thread.join(5)
     status, body = result[0]  # type: ignore[misc]
     assert status == 200 and body["slept_ms"] == 2000
-    assert elapsed < 6, f"took {elapsed:.1f}s, longer than the grace"
     assert _gone(workers, 1)
     assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
     exits = svc.named("worker exited")
