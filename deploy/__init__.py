@@ -1,1 +1,2 @@
-"""Deployment: the local stack runner (and, later, container and Prometheus files)."""
+"""Deployment: the local stack runner (`stack.py`), the images and compose file, Prometheus rules,
+the Grafana dashboard generator and the Kubernetes generator (`k8s.py`)."""
