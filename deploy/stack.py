@@ -191,10 +191,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cert", type=Path, help="TLS certificate (default: a self-signed one)")
     parser.add_argument("--key", type=Path, help="TLS key, with --cert")
     parser.add_argument("--shutdown-grace", type=float, default=float(os.environ.get("SHUTDOWN_GRACE", 20)))
+    parser.add_argument("--scrape-interval", default="5s", help="Prometheus' scrape and rule interval")
+    parser.add_argument("--nginx", action="append", default=[], metavar="NAME=VALUE",
+                        help="an nginx/render.py setting, e.g. WORKER_PROCESSES=4 (repeatable)")
     parser.add_argument("service_args", nargs="*", help="flags for the service, after --")
     args = parser.parse_args(argv)
     if bool(args.cert) != bool(args.key):
         parser.error("--cert and --key go together")
+    nginx_settings = dict(item.partition("=")[::2] for item in args.nginx)
+    if unknown := sorted(set(nginx_settings) - set(nginx_render.DEFAULTS)):
+        parser.error(f"--nginx: unknown setting(s) {', '.join(unknown)}")
     for tool in ("nginx", "prometheus", "openssl"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (`make stack` installs it)")
@@ -202,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.dir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cert, key = (args.cert.resolve(), args.key.resolve()) if args.cert else self_signed(workdir / "tls")
-    conf = render_nginx(
-        workdir / "nginx" / "nginx.conf", workdir / "nginx" / "run",
-        UPSTREAM=f"127.0.0.1:{args.service_port}", LISTEN_ADDRESS="127.0.0.1",
-        HTTP_PORT=str(args.http_port), TLS_PORT=str(args.tls_port), STATUS_PORT=str(args.status_port),
-        TLS_CERT=str(cert), TLS_KEY=str(key),
-    )
+    conf = render_nginx(workdir / "nginx" / "nginx.conf", workdir / "nginx" / "run", **{
+        "UPSTREAM": f"127.0.0.1:{args.service_port}", "LISTEN_ADDRESS": "127.0.0.1",
+        "HTTP_PORT": str(args.http_port), "TLS_PORT": str(args.tls_port),
+        "STATUS_PORT": str(args.status_port), "TLS_CERT": str(cert), "TLS_KEY": str(key),
+        **nginx_settings,  # --nginx NAME=VALUE, over the stack's own
+    })
     exporter_bin = shutil.which("prometheus-nginx-exporter")
     exporter = f"127.0.0.1:{args.exporter_port}" if exporter_bin else None
     prom_yml = workdir / "prometheus" / "prometheus.yml"
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {"tornado": f"127.0.0.1:{args.service_port}", "prometheus": f"127.0.0.1:{args.prometheus_port}"}
     if exporter:
         jobs["nginx"] = exporter
-    prom_yml.write_text(prometheus_config(jobs, rule_files=RULE_FILES))
+    prom_yml.write_text(prometheus_config(jobs, interval=args.scrape_interval, rule_files=RULE_FILES))
 
     components = [
         Component("service", [sys.executable, "-m", "service", "--address", "127.0.0.1",

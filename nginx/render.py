@@ -30,6 +30,7 @@ DEFAULTS: dict[str, str] = {
     "CLIENT_MAX_BODY_SIZE": "1048576",  # bytes; keep equal to the service's MAX_BODY_SIZE
     "PROXY_READ_TIMEOUT": "60s",  # plain requests (the service's /api/sleep is at most 60 s)
     "LONG_READ_TIMEOUT": "330s",  # WebSockets and long polls (a long poll lasts at most 300 s)
+    "WORKER_PROCESSES": "auto",  # auto: one per core of the machine (not of a container's CPU limit)
     "WORKER_CONNECTIONS": "16384",
     "WORKER_RLIMIT_NOFILE": "20000",
     "RUN_DIR": "/tmp/nginx",

@@ -1,0 +1,160 @@
+// Open N WebSockets at RATE per second, hold every one of them D seconds once all are open, close.
+//
+// Many sockets per VU (k6/experimental/websockets: one event loop per VU drives all of them), so
+// VUS VUs hold N sockets. Every socket reads the server's ticks, JSON messages
+// {"type": "tick", "seq": n, "ts": <server's unix time, seconds>, ...}, and measures the fan-out
+// latency as receive time - ts. Any server that sends such ticks can be measured (the shootout does).
+//
+// Environment (defaults in brackets):
+//   BASE_URL   [http://127.0.0.1:8080]  http(s)://host:port; the scheme becomes ws(s)://
+//   WS_PATH    [/ws/ticker]             path of the ticker socket
+//   N          [100]                    sockets
+//   RATE       [100]                    new sockets per second (spread evenly over the VUs)
+//   D          [10]                     seconds every socket is held after the last one opened
+//   VUS        [ceil(N / 500)]          VUs the sockets are spread over (at most N)
+//   MAX_CONNECT_FAILURES   [0]          threshold: sockets that failed to open, or were still not
+//                                       open when the hold ended
+//   MAX_UNEXPECTED_CLOSES  [0]          threshold: sockets closed by anyone but this client
+//   TICK_P95_MS            [unset]      threshold on tick_latency p(95), when set
+//
+// Metrics: ws_connect_time (Trend, ms: new WebSocket() to open), ws_sockets_opened,
+// ws_connect_failures, ws_unexpected_closes (tagged `code`: the close code the server sent, or
+// `none`: k6 1.1.0 reports no code for a server's 1000 or 1001 close, nor for a reset),
+// ws_errors (every error event but those after this client's own close), ws_errors_after_close
+// (k6's "close sent" and the like once this client had closed: not a failure), ticks_received,
+// ticks_missed (gaps in a socket's `seq`), tick_latency (Trend, ms). All Counters but the Trends.
+import { Counter, Trend } from 'k6/metrics';
+import { WebSocket } from 'k6/experimental/websockets';
+
+function envNumber(name, fallback) {
+  const raw = __ENV[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got ${raw}`);
+  return value;
+}
+
+const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
+const WS_URL = BASE_URL.replace(/^http/, 'ws') + (__ENV.WS_PATH || '/ws/ticker');
+const N = Math.max(1, Math.floor(envNumber('N', 100)));
+const RATE = Math.max(0.001, envNumber('RATE', 100));
+const D = envNumber('D', 10);
+const VUS = Math.min(N, Math.max(1, Math.floor(envNumber('VUS', Math.ceil(N / 500)))));
+const RAMP_S = N / RATE; // every VU opens its share at RATE / VUS per second: all finish together
+const CLOSE_AT_S = RAMP_S + D; // after its start, each VU closes its sockets at this time
+
+const CLOSE_CODES = ['none', '1000', '1001', '1002', '1003', '1006', '1008', '1009', '1011', '1012', '1013', '1014'];
+const thresholds = {
+  ws_connect_failures: [`count<=${envNumber('MAX_CONNECT_FAILURES', 0)}`],
+  ws_unexpected_closes: [`count<=${envNumber('MAX_UNEXPECTED_CLOSES', 0)}`],
+};
+if (__ENV.TICK_P95_MS) thresholds.tick_latency = [`p(95)<${envNumber('TICK_P95_MS', 0)}`];
+// Always-true thresholds on the usual close codes, so the summary export counts closes per code.
+for (const code of CLOSE_CODES) thresholds[`ws_unexpected_closes{code:${code}}`] = ['count>=0'];
+
+export const options = {
+  scenarios: {
+    websockets: {
+      executor: 'per-vu-iterations',
+      vus: VUS,
+      iterations: 1,
+      maxDuration: `${Math.ceil(CLOSE_AT_S + 60)}s`,
+      gracefulStop: '30s',
+    },
+  },
+  thresholds,
+  summaryTrendStats: ['avg', 'min', 'med', 'max', 'p(90)', 'p(95)', 'p(99)', 'count'],
+};
+
+const connectTime = new Trend('ws_connect_time', true);
+const opened = new Counter('ws_sockets_opened');
+const connectFailures = new Counter('ws_connect_failures');
+const unexpectedCloses = new Counter('ws_unexpected_closes');
+const errors = new Counter('ws_errors');
+const errorsAfterClose = new Counter('ws_errors_after_close');
+const ticksReceived = new Counter('ticks_received');
+const ticksMissed = new Counter('ticks_missed');
+const tickLatency = new Trend('tick_latency', true);
+
+const CLOSE_CODE = /close (\d{4})/;
+
+// The share of the N sockets this VU opens: N split as evenly as VUS allows.
+function share(vu) {
+  const base = Math.floor(N / VUS);
+  return base + ((vu - 1) % VUS < N % VUS ? 1 : 0);
+}
+
+function openSocket(sockets) {
+  const state = { ws: null, started: Date.now(), open: false, closing: false, done: false, code: '', seq: -1 };
+  const ws = new WebSocket(WS_URL);
+  state.ws = ws;
+  ws.onopen = () => {
+    state.open = true;
+    opened.add(1);
+    connectTime.add(Date.now() - state.started);
+  };
+  ws.onmessage = (event) => {
+    let tick;
+    try {
+      tick = JSON.parse(event.data);
+    } catch (_) {
+      return;
+    }
+    if (!tick || tick.type !== 'tick' || typeof tick.ts !== 'number') return;
+    const received = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
+    ticksReceived.add(1);
+    tickLatency.add(received - tick.ts * 1000);
+    if (typeof tick.seq === 'number') {
+      if (state.seq >= 0 && tick.seq > state.seq + 1) ticksMissed.add(tick.seq - state.seq - 1);
+      state.seq = tick.seq;
+    }
+  };
+  ws.onerror = (event) => {
+    const message = String((event && event.error) || '');
+    if (state.closing) {
+      errorsAfterClose.add(1);
+      return;
+    }
+    errors.add(1);
+    const code = CLOSE_CODE.exec(message);
+    if (code) state.code = code[1];
+    if (!state.open && !state.done) {
+      state.done = true;
+      connectFailures.add(1);
+    }
+  };
+  ws.onclose = () => {
+    if (state.closing) return;
+    if (!state.open) {
+      if (!state.done) connectFailures.add(1); // closed before it opened, without an error event
+    } else {
+      unexpectedCloses.add(1, { code: state.code || 'none' });
+    }
+    state.done = true;
+  };
+  sockets.push(state);
+}
+
+export default function () {
+  const mine = share(__VU);
+  const perSecond = mine / RAMP_S;
+  const sockets = [];
+  const start = Date.now();
+  const opener = setInterval(() => {
+    const due = Math.min(mine, Math.floor(((Date.now() - start) / 1000) * perSecond) + 1);
+    while (sockets.length < due) openSocket(sockets);
+    if (sockets.length >= mine) clearInterval(opener);
+  }, Math.max(10, Math.min(100, 1000 / perSecond)));
+  setTimeout(() => {
+    clearInterval(opener);
+    for (const state of sockets) {
+      if (state.done) continue;
+      if (!state.open) connectFailures.add(1); // still not open when the hold ended: it failed too
+      state.closing = true;
+      state.done = true;
+      state.ws.close();
+    }
+    // Sockets never even started (the VU's timers fell that far behind) count as failures as well.
+    if (sockets.length < mine) connectFailures.add(mine - sockets.length);
+  }, CLOSE_AT_S * 1000);
+}
