@@ -212,6 +212,9 @@ def test_connections_beyond_the_cap_are_refused_cleanly(start_service: Start) ->
         with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as extra:
             reply = extra.recv(1000)
         assert reply.startswith(b"HTTP/1.1 503"), reply
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"\r\nX-Worker-Id: 0\r\n" in head and b"\r\nX-Worker-PID: " in head
+        assert body == b'{"error":"too many open connections","status":503}'
     finally:
         for sock in held:
             sock.close()
