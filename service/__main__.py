@@ -1,4 +1,4 @@
-"""`python -m service`: parse the settings, set up logging and metrics, hand over to the supervisor."""
+"""`python -m service`: parse the settings, set up logging and the metrics directory, run the supervisor."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ from service import config, logs, metrics_dir
 def main(argv: Sequence[str] | None = None) -> int:
     settings = config.load(argv)
     logs.configure(settings.log_level, settings.log_format)
-    path, created = metrics_dir.prepare()
-    # Imported only now: prometheus_client picks multiprocess mode when it is first imported.
-    from service import supervisor
+    directory = metrics_dir.prepare()  # before prometheus-client is imported: it refuses otherwise
+    from service.supervisor import Supervisor  # imports service.metrics, and so prometheus-client
 
     try:
-        return supervisor.run(settings)  # workers never return here (they leave with os._exit)
+        return Supervisor(settings, directory).run()  # workers never return here (os._exit)
     finally:
-        if created:
-            metrics_dir.remove(path)
+        directory.remove()
 
 
 if __name__ == "__main__":

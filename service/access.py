@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import cast
 
 from prometheus_client import Counter, Histogram
 from tornado.web import RequestHandler
@@ -23,13 +24,11 @@ def request_observer(enabled: bool, sample: float, **fields: object) -> Callable
     writes_all = enabled and sample >= 1.0
     label_cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
-    def observe(handler: RequestHandler) -> None:
+    def observe(any_handler: RequestHandler) -> None:
+        handler = cast(ServiceHandler, any_handler)  # every route, and the default one, is ours
         request = handler.request
         status = handler.get_status()
-        if isinstance(handler, ServiceHandler):
-            route, request_id, sent = handler.route, handler.request_id, handler.response_bytes
-        else:  # not one of ours (none is routed today): counted under the shared label
-            route, request_id, sent = "not_found", None, 0
+        route, request_id, sent = handler.route, handler.request_id, handler.response_bytes
         method = metrics.method_label(request.method)
         duration = request.request_time()
         key = (method, route, status)

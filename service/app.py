@@ -1,4 +1,4 @@
-"""The routes, and the Tornado Application that carries one worker's state and tick bus."""
+"""The routes: one Tornado Application per worker, carrying that worker's context for its handlers."""
 
 from __future__ import annotations
 
@@ -7,43 +7,45 @@ from typing import Any
 from tornado.web import Application, url
 
 from service import metrics
-from service import ticker as ticker_module
 from service.access import request_observer
 from service.config import Settings
+from service.context import SETTING, WorkerContext
 from service.handlers.base import NotFoundHandler
 from service.handlers.health import HealthzHandler, ReadyzHandler
 from service.handlers.hello import ApiHelloHandler, HelloHandler
 from service.handlers.scrape import MetricsHandler
 from service.handlers.sockets import EchoSocket, TickerSocket
 from service.handlers.work import ComputeHandler, PollHandler, SleepHandler
-from service.state import WorkerState
-from service.ticker import Ticker
+
+TICKER_ROUTE = "ws_ticker"
+ROUTES = (  # (pattern, handler, route name: the `handler` label of every metric)
+    (r"/", HelloHandler, "hello"),
+    (r"/api/hello", ApiHelloHandler, "api_hello"),
+    (r"/api/sleep", SleepHandler, "api_sleep"),
+    (r"/api/compute", ComputeHandler, "api_compute"),
+    (r"/api/poll", PollHandler, "api_poll"),
+    (r"/ws/echo", EchoSocket, "ws_echo"),
+    (r"/ws/ticker", TickerSocket, TICKER_ROUTE),
+    (r"/healthz", HealthzHandler, "healthz"),
+    (r"/readyz", ReadyzHandler, "readyz"),
+    (r"/metrics", MetricsHandler, "metrics"),
+)
+
+
+def count_ticks_sent(subscribers: int) -> None:
+    """The tick bus's fan-out, counted as messages out of the ticker route: once per tick."""
+    if subscribers:
+        metrics.WEBSOCKET_MESSAGES.labels(TICKER_ROUTE, "out").inc(subscribers)
 
 
 class ServiceApp(Application):
-    """A Tornado Application that also carries what handlers of this worker share."""
+    """Tornado's Application with this service's routes, hooks and limits."""
 
-    def __init__(self, settings: Settings, state: WorkerState, ticker: Ticker, **extra: Any) -> None:
-        self.state = state
-        self.ticker = ticker
-        self.render_metrics = metrics.renderer()
-        routes = [
-            url(pattern, handler, {"route": name}, name=name)
-            for pattern, handler, name in (
-                (r"/", HelloHandler, "hello"),
-                (r"/api/hello", ApiHelloHandler, "api_hello"),
-                (r"/api/sleep", SleepHandler, "api_sleep"),
-                (r"/api/compute", ComputeHandler, "api_compute"),
-                (r"/api/poll", PollHandler, "api_poll"),
-                (r"/ws/echo", EchoSocket, "ws_echo"),
-                (r"/ws/ticker", TickerSocket, ticker_module.ROUTE),
-                (r"/healthz", HealthzHandler, "healthz"),
-                (r"/readyz", ReadyzHandler, "readyz"),
-                (r"/metrics", MetricsHandler, "metrics"),
-            )
-        ]
+    def __init__(self, settings: Settings, context: WorkerContext, **extra: Any) -> None:
+        state = context.state
+        options: dict[str, Any] = {SETTING: context, **extra}  # handlers read the context from here
         super().__init__(
-            routes,
+            [url(pattern, handler, {"route": name}, name=name) for pattern, handler, name in ROUTES],
             default_handler_class=NotFoundHandler,
             default_handler_args={"route": "not_found"},
             log_function=request_observer(
@@ -54,5 +56,5 @@ class ServiceApp(Application):
             debug=False,
             serve_traceback=False,
             compress_response=False,
-            **extra,
+            **options,
         )

@@ -43,8 +43,9 @@ class LineBatcher:
     One write(2) per access line is a large part of what an access log costs at 10k req/s.
     Inside a running event loop, lines are collected and written once the loop has finished
     the current iteration: at low load that is at once, under load one write carries the lines
-    of every request the iteration served. Each write is at most PIPE_BUF bytes of whole lines,
-    so lines of workers sharing one stdout pipe never interleave. Outside a loop (the
+    of every request the iteration served. Each write is whole lines of at most PIPE_BUF bytes
+    (unless one line alone is longer), so lines of workers sharing one stdout pipe never
+    interleave; only a line over PIPE_BUF can be split by another worker's write. Outside a loop (the
     supervisor, start-up) every line is written at once. What a SIGKILL can lose: the lines of
     the iteration it interrupts.
     """

@@ -1,10 +1,11 @@
 """Every Prometheus metric of the service, summed over all worker processes at scrape time.
 
 prometheus-client's multiprocess mode: each process appends to its own files in
-PROMETHEUS_MULTIPROC_DIR (see `service.metrics_dir`), and `render` merges them when /metrics is
-scraped, in whichever worker answers. Gauges say how a dead worker's value is treated: `live*`
-modes drop it once the supervisor calls `mark_dead(pid)`; counters and histograms keep its
-history, so a restart does not make `rate()` jump backwards.
+PROMETHEUS_MULTIPROC_DIR, and `renderer` merges them when /metrics is scraped, in whichever
+worker answers. `service.metrics_dir` holds the directory's contract: this module may be imported
+only once the directory is prepared, and only the supervisor marks a process dead. Gauges say how
+a dead worker's value is treated: `live*` modes drop it once it is marked dead; counters and
+histograms keep its history, so a restart does not make `rate()` jump backwards.
 
 Labels are bounded: `handler` is a route's name (unknown paths share `not_found`), `method` one
 of the standard verbs or `other`, `worker` a worker id (0..n-1, stable across restarts).
@@ -22,8 +23,8 @@ This module is a leaf: everything may import it and it imports nothing from the 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -110,11 +111,6 @@ def method_label(method: str | None) -> str:
     return method if method in METHODS else "other"
 
 
-def mark_dead(pid: int) -> None:
-    """A worker is gone: its live gauges stop counting (its counters stay)."""
-    multiprocess.mark_process_dead(pid)
-
-
 def declare_workers(workers: int) -> None:
     """In the supervisor, before the fork: every worker id's restart count and liveness exist at 0.
 
@@ -142,12 +138,11 @@ def sample_process(worker: str, process: psutil.Process) -> None:
     WORKER_MAX_FDS.labels(worker).set(math.inf if soft == psutil.RLIM_INFINITY else soft)
 
 
-def renderer() -> Callable[[str | None], tuple[bytes, str]]:
+def renderer(path: Path | None) -> Callable[[str | None], tuple[bytes, str]]:
     """A function from an Accept header to (body, content type), summing every process's files."""
-    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if path:
+    if path is not None:
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=path)
+        multiprocess.MultiProcessCollector(registry, path=str(path))
     else:  # one process, no directory (an embedded app, a test): the default registry has it all
         registry = REGISTRY
 

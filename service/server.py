@@ -25,11 +25,17 @@ from tornado import httputil
 from tornado.httpserver import HTTPServer, _ProxyAdapter
 from tornado.iostream import IOStream
 
-_REFUSAL_BODY = b'{"error":"too many open connections","status":503}'
-_REFUSAL = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Content-Length: %d\r\n\r\n%s" % (len(_REFUSAL_BODY), _REFUSAL_BODY)
-)
+from service.errors import error_json
+
+
+def refusal(identity: dict[str, str]) -> bytes:
+    """The whole 503 a connection past the cap gets: the usual JSON error and identity headers."""
+    body = error_json(503, message="too many open connections")
+    headers = "".join(f"{name}: {value}\r\n" for name, value in identity.items())
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        + headers.encode("latin-1") + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
 
 
 class TrustedProxies:
@@ -62,9 +68,11 @@ class LimitedHTTPServer(HTTPServer):
     def initialize(
         self, *args: Any, max_connections: int = 10_000, max_write_buffer: int | None = None,
         on_refuse: Callable[[], None] = lambda: None,
-        trust_forwarded: Callable[[str], bool] = lambda _: False, **kwargs: Any,
+        trust_forwarded: Callable[[str], bool] = lambda _: False, identity: dict[str, str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().initialize(*args, **kwargs)  # without xheaders: start_request decides per peer
+        self.refusal = refusal(identity or {})
         self.trust_forwarded = trust_forwarded
         self.max_connections = max_connections
         self.max_write_buffer = max_write_buffer
@@ -83,7 +91,7 @@ class LimitedHTTPServer(HTTPServer):
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if len(self._streams) >= self.max_connections and self.open_connections() >= self.max_connections:
             self.on_refuse()
-            stream.write(_REFUSAL).add_done_callback(lambda _: stream.close())
+            stream.write(self.refusal).add_done_callback(lambda _: stream.close())
             return
         # A reader that stops reading makes writes queue up; past this the write fails and the
         # connection is dropped (a slow WebSocket consumer), instead of the worker's memory growing.

@@ -1,24 +1,27 @@
-"""The supervisor: bind, fork, restart, and on SIGTERM drain every worker and exit.
+"""The supervisor: the parent process's whole life, read top to bottom in `Supervisor.run`.
 
-Read top to bottom, `run` is the whole life of the parent process:
-
-1. size the worker pool (WEB_CONCURRENCY, else the CPUs this process may use) and raise the
+1. **size** the worker pool (WEB_CONCURRENCY, else the CPUs this process may use) and raise the
    open-files limit to fit the connection cap;
-2. bind the listening socket(s), in the parent, so every worker shares the port (with
+2. **bind** the listening socket(s) in the parent, so every worker shares the port (with
    REUSE_PORT, one SO_REUSEPORT socket per worker slot, balanced by the kernel);
-3. fork the workers with Tornado's own `fork_processes`, which also restarts a worker that dies
-   (crash, SIGKILL, non-zero exit) under the same worker id, leaves one that exits 0 alone, and
-   gives up after MAX_RESTARTS restarts (we then stop the others and exit 1);
-4. on SIGTERM or SIGINT, leave `fork_processes` (the signal handler raises `StopRequested`,
-   the only thing it does) and `shutdown`: close the parent's copy of the listener, send each
-   worker one SIGTERM, reap them until SHUTDOWN_GRACE runs out, SIGKILL what is left.
-   A second signal during the shutdown kills the workers at once.
+3. **fork** the workers with Tornado's own `fork_processes`, and **watch** them from inside it:
+   it restarts a worker that dies (crash, SIGKILL, non-zero exit) under the same worker id,
+   leaves one that exits 0 alone, and gives up after MAX_RESTARTS restarts (we then stop the
+   others and exit 1);
+4. on SIGTERM or SIGINT, leave `fork_processes` (the signal handler raises `StopRequested`, the
+   only thing it does) and **stop**: close the parent's copy of the listener, send each worker one
+   SIGTERM, reap them until SHUTDOWN_GRACE runs out, SIGKILL what is left. A second signal during
+   the stop kills the workers at once.
+
+Whichever way a worker's death is learned (Tornado's report from inside `fork_processes`, or our
+own reaping during the stop), `worker_died` is the one place that acts on it: the log line,
+marking its metric files dead, and counting a restart.
 
 `fork_processes` knows nothing of shutting down: left running, it would restart a worker that
-was killed while draining. Leaving it is what makes the shutdown final; no worker is forked
-after the parent stops. The price of leaving by exception: a worker that fork_processes reaps
-at the very instant the signal lands (it exited on its own, say from a process-group signal)
-is not logged by it; the shutdown reaps and logs every other one.
+was killed while draining. Leaving it is what makes the stop final; no worker is forked after
+the parent stops. The price of leaving by exception: a worker that fork_processes reaps at the
+very instant the signal lands (it exited on its own, say from a process-group signal) is not
+reported by it; the stop reaps and reports every other one.
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
 from types import FrameType
-from typing import ClassVar, NoReturn, cast
+from typing import cast
 
 import psutil
 from tornado.netutil import bind_sockets
@@ -43,9 +45,144 @@ from tornado.process import fork_processes
 from service import __version__, logs, metrics, worker
 from service.config import Settings, describe
 from service.cpus import cpu_budget
+from service.metrics_dir import MetricsDirectory
 
 _log = logs.get_logger("service.supervisor")
 FD_RESERVE = 256  # descriptors a worker needs besides its connections (logs, metrics files, DNS...)
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, metrics_dir: MetricsDirectory) -> None:
+        self.settings = settings
+        self.metrics_dir = metrics_dir
+        self.pid = os.getpid()
+        self.workers = 0
+        self.slots: list[list[socket.socket]] = []
+        self.signals: StopSignals | None = None  # installed just before the fork
+
+    def run(self) -> int:
+        """The parent's life; returns its exit code (workers leave through `worker.become`)."""
+        logs.bind_process(role="supervisor", pid=self.pid)
+        _log.info("starting", **version_info(), settings=describe(self.settings),
+                  metrics_dir=str(self.metrics_dir.path))
+        self.size()
+        try:
+            self.bind()
+        except OSError as exc:  # in use, or not an address of this host: say which setting to change
+            _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
+                       address=self.settings.address or "*", error=str(exc))
+            return 1
+        return self.fork_and_watch()
+
+    # -- 1. size -----------------------------------------------------------------------------
+    def size(self) -> None:
+        settings = self.settings
+        if settings.workers is not None:
+            self.workers = settings.workers
+            _log.info("worker count", workers=self.workers, reason="WEB_CONCURRENCY/--workers")
+        else:
+            budget = cpu_budget()
+            self.workers = budget.workers
+            _log.info("worker count", workers=budget.workers, reason=budget.reason, cores=budget.cores,
+                      affinity=budget.affinity, cgroup_quota=budget.quota)
+        self.settings = fit_open_files(settings)
+
+    # -- 2. bind -----------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Listening sockets for each worker slot: one shared set, or one SO_REUSEPORT set per slot."""
+        settings = self.settings
+        address = settings.address or None
+        first = bind_sockets(settings.port, address, backlog=settings.backlog, reuse_port=settings.reuse_port)
+        if not settings.reuse_port:
+            self.slots = [first] * self.workers
+        else:
+            port = first[0].getsockname()[1]  # with PORT=0 every slot must share the port picked first
+            self.slots = [first] + [
+                bind_sockets(port, address, backlog=settings.backlog, reuse_port=True)
+                for _ in range(self.workers - 1)
+            ]
+        _log.info("listening", addresses=[_address(s) for s in first], port=first[0].getsockname()[1],
+                  reuse_port=settings.reuse_port, backlog=settings.backlog)
+
+    # -- 3. fork and watch -------------------------------------------------------------------
+    def fork_and_watch(self) -> int:
+        metrics.BUILD_INFO.labels(**version_info(), workers=str(self.workers)).set(1)
+        metrics.declare_workers(self.workers)  # restarts and liveness at 0 per worker id, before any fork
+        self.signals = StopSignals(self.pid)
+        reports = TornadoChildReports(self)
+        logging.getLogger("tornado.general").addFilter(reports)
+        try:
+            worker_id = fork_processes(self.workers, max_restarts=self.settings.max_restarts)
+        except StopRequested as stop:
+            return self.stop(str(stop))
+        except RuntimeError as exc:  # "Too many child restarts, giving up"
+            self.signals.stopping = True  # a signal from now on is a second one
+            _log.error("crash loop: giving up", error=str(exc), max_restarts=self.settings.max_restarts)
+            self.stop("crash loop")
+            return 1
+        except SystemExit:  # fork_processes exits 0 once every worker has exited 0
+            _log.info("every worker exited cleanly")
+            return 0
+        logging.getLogger("tornado.general").removeFilter(reports)
+        worker.become(worker_id, self.slots, self.settings, self.pid, self.metrics_dir.path)
+
+    def worker_died(self, worker_id: int | None, pid: int, *, restarting: bool, exit_code: int | None = None,
+                    signal_name: str | None = None) -> None:
+        """The one place a worker's death is acted on, however it was learned."""
+        self.metrics_dir.mark_dead(pid)  # its live gauges stop counting; counters keep their history
+        cause: dict[str, object] = {"signal": signal_name} if signal_name else {"exit_code": exit_code}
+        if restarting:
+            metrics.WORKER_RESTARTS.labels(str(worker_id)).inc()
+            _log.warning("worker died, restarting", worker=worker_id, worker_pid=pid, **cause)
+        else:
+            log = _log.warning if signal_name or exit_code else _log.info
+            log("worker exited", worker=worker_id, worker_pid=pid, restart=False, **cause)
+
+    # -- 4. stop -----------------------------------------------------------------------------
+    def stop(self, reason: str) -> int:
+        """Drain the workers: the runbook an operator would follow by hand, in code."""
+        grace = self.settings.shutdown_grace
+        deadline = time.monotonic() + grace
+        _log.info("shutting down", reason=reason, grace_seconds=grace)
+        for slot in self.slots:
+            for sock in slot:
+                sock.close()  # the port refuses new connections once the workers close theirs too
+        children = _children()
+        _signal(list(children), signal.SIGTERM)
+        self._reap_until(deadline, children)
+        if self._second_signal():
+            _log.warning("second signal: stopping workers at once")
+            return self._kill_remaining(children)
+        if _children():
+            _log.warning("shutdown grace ran out: killing workers", grace_seconds=grace)
+            return self._kill_remaining(children)
+        _log.info("shutdown complete", workers=len(children))
+        return 0
+
+    def _second_signal(self) -> bool:
+        return self.signals is not None and self.signals.repeated
+
+    def _kill_remaining(self, children: dict[int, int | None]) -> int:
+        _signal(list(_children()), signal.SIGKILL)
+        self._reap_until(time.monotonic() + 5.0, children, interruptible=False)
+        return 1
+
+    def _reap_until(
+        self, deadline: float, workers: dict[int, int | None], interruptible: bool = True
+    ) -> None:
+        """Collect exited workers until none is left, the deadline passes, or a second signal comes."""
+        while time.monotonic() < deadline and not (interruptible and self._second_signal()):
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                time.sleep(0.02)
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            self.worker_died(workers.get(pid), pid, restarting=False,
+                             exit_code=code if code >= 0 else None,
+                             signal_name=signal.Signals(-code).name if code < 0 else None)
 
 
 class StopRequested(BaseException):
@@ -55,67 +192,12 @@ class StopRequested(BaseException):
         super().__init__(signal.Signals(signum).name)
 
 
-def run(settings: Settings) -> int:
-    logs.bind_process(role="supervisor", pid=os.getpid())
-    _log.info("starting", **version_info(), settings=describe(settings),
-              metrics_dir=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
-    workers = worker_count(settings)
-    settings = fit_open_files(settings)
-    try:
-        slots = bind(settings, workers)
-    except OSError as exc:  # in use, or not an address of this host: say which setting to change
-        _log.error("cannot listen: check PORT and ADDRESS", port=settings.port,
-                   address=settings.address or "*", error=str(exc))
-        return 1
-    _log.info("listening", addresses=[_address(s) for s in slots[0]], port=slots[0][0].getsockname()[1],
-              reuse_port=settings.reuse_port, backlog=settings.backlog)
-
-    metrics.BUILD_INFO.labels(**version_info(), workers=str(workers)).set(1)
-    metrics.declare_workers(workers)  # restarts and liveness at 0 per worker id, before any fork
-    signals = StopSignals(os.getpid())
-    logging.getLogger("tornado.general").addFilter(ForkEvents(signals.supervisor_pid))
-    try:
-        worker_id = fork_processes(workers, max_restarts=settings.max_restarts)
-    except StopRequested as stop:
-        return shutdown(slots, settings, str(stop), signals)
-    except RuntimeError as exc:  # "Too many child restarts, giving up"
-        signals.stopping = True
-        _log.error("crash loop: giving up", error=str(exc), max_restarts=settings.max_restarts)
-        shutdown(slots, settings, "crash loop", signals)
-        return 1
-    except SystemExit:  # fork_processes exits 0 once every worker has exited 0
-        _log.info("every worker exited cleanly")
-        return 0
-
-    become_worker(worker_id, slots, settings, signals.supervisor_pid)
-
-
-def become_worker(
-    worker_id: int, slots: list[list[socket.socket]], settings: Settings, parent: int
-) -> NoReturn:
-    """In a forked child: serve on this slot's sockets, then leave without the parent's exit path."""
-    mine = slots[worker_id]
-    for slot in slots:
-        if slot is not mine:
-            for sock in slot:
-                sock.close()
-    try:
-        code = worker.run(worker_id, mine, settings, parent)
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    except BaseException:  # a bug in a worker: one JSON line with the traceback, then a restart
-        _log.exception("worker crashed", worker=worker_id)
-        code = 1
-    logs.flush()
-    os._exit(code)  # no atexit hooks, no removal of the metrics directory: those are the parent's
-
-
 class StopSignals:
     """SIGTERM and SIGINT in the parent: the first one leaves fork_processes, later ones are counted.
 
     Raising from a handler is how the parent gets out of `os.wait()` inside fork_processes;
-    raising only once is what keeps the shutdown code itself from being interrupted by a second
-    signal, which `shutdown` reads from `repeated` instead.
+    raising only once is what keeps the stop itself from being interrupted by a second signal,
+    which `Supervisor.stop` reads from `repeated` instead.
     """
 
     def __init__(self, supervisor_pid: int) -> None:
@@ -138,65 +220,49 @@ class StopSignals:
         raise StopRequested(signum)
 
 
-class ForkEvents(logging.Filter):
-    """fork_processes reports its children's deaths as text; turn those into structured events.
+class TornadoChildReports(logging.Filter):
+    """How the supervisor learns, from inside fork_processes, that a worker died.
 
-    Each record's arguments are (worker id, pid, signal or status), so nothing is parsed: the
-    filter matches Tornado's format strings, does the bookkeeping a death implies (the worker's
-    live gauges stop counting, a restart is counted) and logs a JSON event in place of the line.
+    fork_processes reaps its children itself and tells only its logger. Each of its records
+    carries the facts as arguments, (task id, pid) and then the signal or the exit status; the
+    format string (`record.msg`, never the formatted text) says which of the three reports it
+    is. `REPORTS` lists them as the installed Tornado writes them, and a test reads Tornado's own
+    source to fail loudly if an upgrade changes one. A matched record is replaced by the
+    supervisor's structured event.
     """
 
-    KILLED = "child %d (pid %d) killed by signal %d, restarting"
-    FAILED = "child %d (pid %d) exited with status %d, restarting"
-    CLEAN = "child %d (pid %d) exited normally"
     STARTING = "Starting %d processes"
+    REPORTS = {
+        "child %d (pid %d) killed by signal %d, restarting": "signal",
+        "child %d (pid %d) exited with status %d, restarting": "status",
+        "child %d (pid %d) exited normally": "clean",
+    }
 
-    def __init__(self, supervisor_pid: int) -> None:
+    def __init__(self, supervisor: Supervisor) -> None:
         super().__init__()
-        self.supervisor_pid = supervisor_pid
+        self.supervisor = supervisor
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False when the record was replaced by a structured event; True lets it through as is."""
-        if os.getpid() != self.supervisor_pid or record.msg not in self._HANDLED:
+        if os.getpid() != self.supervisor.pid or record.funcName != "fork_processes":
             return True
         try:
             args = [int(cast(int, arg)) for arg in cast(tuple[object, ...], record.args)]
-            self._HANDLED[record.msg](self, *args)
-        except Exception:  # never let bookkeeping break fork_processes' loop: keep Tornado's line
+            if record.msg == self.STARTING:
+                _log.info("forking workers", workers=args[0])
+                return False
+            kind = self.REPORTS[cast(str, record.msg)]
+        except (KeyError, TypeError, ValueError):  # not a report we know: keep Tornado's own line
             return True
+        worker_id, pid = args[0], args[1]
+        if kind == "clean":
+            self.supervisor.worker_died(worker_id, pid, restarting=False, exit_code=0)
+        elif kind == "signal":
+            signal_name = signal.Signals(args[2]).name
+            self.supervisor.worker_died(worker_id, pid, restarting=True, signal_name=signal_name)
+        else:
+            self.supervisor.worker_died(worker_id, pid, restarting=True, exit_code=args[2])
         return False
-
-    def _starting(self, workers: int) -> None:
-        _log.info("forking workers", workers=workers)
-
-    def _clean_exit(self, worker_id: int, pid: int) -> None:
-        metrics.mark_dead(pid)
-        _log.info("worker exited", worker=worker_id, worker_pid=pid, exit_code=0, restart=False)
-
-    def _killed(self, worker_id: int, pid: int, signum: int) -> None:
-        self._restarting(worker_id, pid, signal=signal.Signals(signum).name)
-
-    def _failed(self, worker_id: int, pid: int, status: int) -> None:
-        self._restarting(worker_id, pid, exit_code=status)
-
-    def _restarting(self, worker_id: int, pid: int, **cause: object) -> None:
-        metrics.mark_dead(pid)
-        metrics.WORKER_RESTARTS.labels(str(worker_id)).inc()
-        _log.warning("worker died, restarting", worker=worker_id, worker_pid=pid, **cause)
-
-    _HANDLED: ClassVar[dict[str, Callable[..., None]]] = {
-        STARTING: _starting, CLEAN: _clean_exit, KILLED: _killed, FAILED: _failed,
-    }
-
-
-def worker_count(settings: Settings) -> int:
-    if settings.workers is not None:
-        _log.info("worker count", workers=settings.workers, reason="WEB_CONCURRENCY/--workers")
-        return settings.workers
-    budget = cpu_budget()
-    _log.info("worker count", workers=budget.workers, reason=budget.reason, cores=budget.cores,
-              affinity=budget.affinity, cgroup_quota=budget.quota)
-    return budget.workers
 
 
 def fit_open_files(settings: Settings) -> Settings:
@@ -215,65 +281,6 @@ def fit_open_files(settings: Settings) -> Settings:
                      requested=settings.max_connections, allowed=max(1, room), nofile=soft)
         settings = dataclasses.replace(settings, max_connections=max(1, room))
     return settings
-
-
-def bind(settings: Settings, workers: int) -> list[list[socket.socket]]:
-    """Listening sockets for each worker slot: one shared set, or one SO_REUSEPORT set per slot."""
-    address = settings.address or None
-    first = bind_sockets(settings.port, address, backlog=settings.backlog, reuse_port=settings.reuse_port)
-    if not settings.reuse_port:
-        return [first] * workers
-    port = first[0].getsockname()[1]  # with PORT=0 every slot must share the port picked first
-    return [first] + [
-        bind_sockets(port, address, backlog=settings.backlog, reuse_port=True) for _ in range(workers - 1)
-    ]
-
-
-def shutdown(slots: list[list[socket.socket]], settings: Settings, reason: str, signals: StopSignals) -> int:
-    """Drain the workers: the runbook an operator would follow by hand, in code."""
-    deadline = time.monotonic() + settings.shutdown_grace
-    _log.info("shutting down", reason=reason, grace_seconds=settings.shutdown_grace)
-    for slot in slots:
-        for sock in slot:
-            sock.close()  # the port refuses new connections once the workers close theirs too
-    children = _children()
-    _signal(list(children), signal.SIGTERM)
-    _reap_until(deadline, children, lambda: signals.repeated)
-    if signals.repeated:
-        _log.warning("second signal: stopping workers at once")
-        return _kill_remaining(children)
-    if _children():
-        _log.warning("shutdown grace ran out: killing workers", grace_seconds=settings.shutdown_grace)
-        return _kill_remaining(children)
-    _log.info("shutdown complete", workers=len(children))
-    return 0
-
-
-def _kill_remaining(children: dict[int, int | None]) -> int:
-    _signal(list(_children()), signal.SIGKILL)
-    _reap_until(time.monotonic() + 5.0, children)
-    return 1
-
-
-def _reap_until(
-    deadline: float, workers: dict[int, int | None], interrupted: Callable[[], bool] = lambda: False
-) -> None:
-    """Collect exited workers, logging how each ended, until none is left or the deadline passes."""
-    while time.monotonic() < deadline and not interrupted():
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.02)
-            continue
-        metrics.mark_dead(pid)
-        code = os.waitstatus_to_exitcode(status)
-        worker_id = workers.get(pid)
-        if code < 0:
-            _log.warning("worker exited", worker=worker_id, worker_pid=pid, signal=signal.Signals(-code).name)
-        else:
-            _log.info("worker exited", worker=worker_id, worker_pid=pid, exit_code=code)
 
 
 def _children() -> dict[int, int | None]:
@@ -303,4 +310,3 @@ def version_info() -> dict[str, str]:
     import tornado
 
     return {"version": __version__, "tornado": tornado.version, "python": sys.version.split()[0]}
-

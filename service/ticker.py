@@ -3,6 +3,9 @@
 Every event carries `ts`, the server's wall-clock time when the fan-out began, so a client can
 measure fan-out latency as (receive time - ts). The event is encoded once per tick, not once
 per subscriber: with thousands of sockets the encoding would otherwise dominate.
+
+The bus knows nothing of routes or metrics: whoever builds it passes `on_fanout`, told how many
+subscribers each tick reached (the app counts them as WebSocket messages of its ticker route).
 """
 
 from __future__ import annotations
@@ -14,16 +17,16 @@ from collections.abc import Callable
 import orjson
 from tornado.ioloop import PeriodicCallback
 
-from service import metrics
-
 Subscriber = Callable[[str], None]
-ROUTE = "ws_ticker"  # the route whose sockets subscribe; the label of the messages counted here
 
 
 class Ticker:
-    def __init__(self, interval: float, worker_id: int) -> None:
+    def __init__(
+        self, interval: float, worker_id: int, on_fanout: Callable[[int], None] = lambda _: None
+    ) -> None:
         self.interval = interval
         self.worker_id = worker_id
+        self.on_fanout = on_fanout
         self.seq = 0
         self._subscribers: set[Subscriber] = set()
         self._waiters: set[asyncio.Future[str | None]] = set()
@@ -65,8 +68,8 @@ class Ticker:
             {"type": "tick", "seq": self.seq, "ts": time.time(), "worker": self.worker_id,
              "interval": self.interval}
         ).decode()
-        for subscriber in list(self._subscribers):
+        subscribers = list(self._subscribers)
+        for subscriber in subscribers:
             subscriber(payload)
-        if self._subscribers:
-            metrics.WEBSOCKET_MESSAGES.labels(ROUTE, "out").inc(len(self._subscribers))
+        self.on_fanout(len(subscribers))
         self._resolve(payload)

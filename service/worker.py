@@ -22,14 +22,16 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 import uvloop
 from tornado.ioloop import PeriodicCallback
 
 from service import logs, metrics
-from service.app import ServiceApp
+from service.app import ServiceApp, count_ticks_sent
 from service.config import Settings
+from service.context import WorkerContext
 from service.looplag import LoopLagMonitor
 from service.server import LimitedHTTPServer, TrustedProxies
 from service.state import WorkerState
@@ -51,7 +53,31 @@ def drain_budget(grace: float) -> float:
     return grace - min(1.0, grace * 0.2)
 
 
-def run(worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int) -> int:
+def become(
+    worker_id: int, slots: list[list[socket.socket]], settings: Settings, supervisor_pid: int,
+    metrics_path: Path,
+) -> NoReturn:
+    """In a just-forked child: serve on this slot's sockets, then leave without the parent's exit path."""
+    mine = slots[worker_id]
+    for slot in slots:
+        if slot is not mine:
+            for sock in slot:
+                sock.close()
+    try:
+        code = run(worker_id, mine, settings, supervisor_pid, metrics_path)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    except BaseException:  # a bug in a worker: one JSON line with the traceback, then a restart
+        _log.exception("worker crashed", worker=worker_id)
+        code = 1
+    logs.flush()
+    os._exit(code)  # no atexit hooks, no removal of the metrics directory: those are the parent's
+
+
+def run(
+    worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int,
+    metrics_path: Path | None = None,
+) -> int:
     """Serve on `sockets` until told to stop; returns the exit code (0 after a clean drain)."""
     # Ctrl-C in a terminal reaches the whole process group: let the supervisor alone turn it
     # into one orderly SIGTERM per worker. SIGTERM itself is handled once the loop runs.
@@ -60,18 +86,20 @@ def run(worker_id: int, sockets: list[socket.socket], settings: Settings, superv
     logs.bind_process(worker=worker_id, pid=os.getpid())
     with contextlib.suppress(OSError):  # Linux only; a name is a convenience, not a requirement
         Path("/proc/self/comm").write_text(f"{NAME_PREFIX}{worker_id}")
-    return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid))
+    return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid, metrics_path))
 
 
 async def _serve(
-    worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int
+    worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int,
+    metrics_path: Path | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     state = WorkerState(worker_id)
     label = state.worker_id_header  # the `worker` label of every per-worker metric
-    ticker = Ticker(settings.tick_interval, worker_id)
+    ticker = Ticker(settings.tick_interval, worker_id, on_fanout=count_ticks_sent)
+    context = WorkerContext(state, ticker, metrics.renderer(metrics_path))
     server = LimitedHTTPServer(
-        ServiceApp(settings, state, ticker),
+        ServiceApp(settings, context),
         trust_forwarded=TrustedProxies(settings.forwarded_allow_ips),
         max_body_size=settings.max_body_size,
         max_header_size=settings.max_header_size,
@@ -80,6 +108,7 @@ async def _serve(
         max_connections=settings.max_connections,
         max_write_buffer=settings.max_write_buffer,
         on_refuse=metrics.CONNECTIONS_REFUSED.labels(label).inc,
+        identity={"X-Worker-Id": state.worker_id_header, "X-Worker-PID": state.pid_header},
     )
     server.add_sockets(sockets)
 

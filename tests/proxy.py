@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -22,11 +23,37 @@ from conftest import require_tool
 
 from deploy import stack
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on, for a server a test starts a moment later.
+
+    Not a port the kernel picked (port 0): those come from the ephemeral range, where any
+    outgoing connection (a load generator's, Nginx's to its upstream) may take it before the
+    server binds it. Below that range only a listener can take a port, and none is handed out
+    twice in one test run.
+    """
+    low = _ephemeral_low()
+    for _ in range(2000):
+        port = random.randrange(10_000, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
@@ -124,20 +151,30 @@ class Prometheus:
                 self.proc.wait()
 
     def query(self, promql: str) -> list[dict[str, Any]]:
-        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        assert body["status"] == "success", body
-        return list(body["data"]["result"])
+        return query(self.port, promql)
 
     def wait_for(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """The query's result once it is non-empty (Prometheus needs a scrape or two first)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError):
-                result = self.query(promql)
-                if result:
-                    return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no result for {promql!r} within {timeout}s")
-            time.sleep(0.25)
+        return wait_for_query(self.port, promql, timeout)
+
+
+def query(port: int, promql: str) -> list[dict[str, Any]]:
+    """An instant query to the Prometheus on 127.0.0.1:port (any Prometheus: ours, the stack's, compose's)."""
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def wait_for_query(port: int, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+    """The query's result once it is non-empty (Prometheus needs a scrape or two first, and
+    answers 503 while it opens its storage)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            result = query(port, promql)
+            if result:
+                return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no result for {promql!r} within {timeout}s")
+        time.sleep(0.25)

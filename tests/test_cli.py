@@ -1,4 +1,4 @@
-"""The real command line: bad settings stop start-up with exit code 2, naming the setting."""
+"""The real command line, for what only it does: exit codes, the console log format, bind errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 from conftest import ROOT
 
 
@@ -20,40 +19,12 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "named"),
-    [
-        (["--port", "70000"], {}, "PORT"),
-        ([], {"PORT": "http"}, "PORT"),
-        ([], {"WEB_CONCURRENCY": "-3"}, "WEB_CONCURRENCY"),
-        (["--workers", "0"], {}, "--workers"),
-        ([], {"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
-        ([], {"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
-        ([], {"SHUTDOWN_GRACE": "-1"}, "SHUTDOWN_GRACE"),
-        ([], {"TICK_INTERVAL": "0"}, "TICK_INTERVAL"),
-        ([], {"MAX_CONNECTIONS": "lots"}, "MAX_CONNECTIONS"),
-        ([], {"REUSE_PORT": "maybe"}, "REUSE_PORT"),
-    ],
-)
-def test_bad_setting_exits_2_naming_it(args: list[str], env: dict[str, str], named: str) -> None:
-    result = _run(*args, env=env)
+def test_a_bad_setting_stops_the_real_command_with_exit_2_naming_it() -> None:
+    """End to end, once: every setting's parsing and message are table-tested in test_config.py."""
+    result = _run("--workers", "2", env={"MAX_CONNECTIONS": "lots"})
     assert result.returncode == 2
-    assert named in result.stderr
+    assert "MAX_CONNECTIONS" in result.stderr and "--max-connections" in result.stderr
     assert result.stdout == ""  # nothing started, nothing logged
-
-
-def test_flag_wins_over_env_and_still_validates() -> None:
-    result = _run("--port", "-5", env={"PORT": "8080"})
-    assert result.returncode == 2 and "--port" in result.stderr
-
-
-def test_help_documents_every_setting() -> None:
-    from service.config import OPTIONS
-
-    result = _run("--help")
-    assert result.returncode == 0
-    for option in OPTIONS:
-        assert option.env in result.stdout and option.cli in result.stdout
 
 
 def test_console_log_format_is_for_people() -> None:

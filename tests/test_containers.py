@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +24,7 @@ import yaml
 from conftest import ROOT, require_tool
 from podman import ENV as PODMAN_ENV
 from podman import Images, compose_command, podman, running, wait_http
-from proxy import free_port
+from proxy import free_port, wait_for_query
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -223,17 +222,8 @@ def test_compose_prometheus_scrapes_the_service_inside_the_network(stack: dict[s
     for _ in range(5):
         wait_http(f"http://127.0.0.1:{stack['ports']['http']}/api/hello", timeout=60)
 
-    def query(promql: str) -> list[dict[str, Any]]:
-        url = f"http://127.0.0.1:{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        result: list[dict[str, Any]] = json.loads(wait_http(url, timeout=60))["data"]["result"]
-        return result
-
-    def eventually(promql: str, timeout: float = 60) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while not (found := query(promql)):
-            assert time.monotonic() < deadline, f"no data for {promql}"
-            time.sleep(1)
-        return found
+    def eventually(promql: str) -> list[dict[str, Any]]:
+        return wait_for_query(prometheus, promql, timeout=60)
 
     up = eventually('up{job="tornado"} == 1')
     assert up[0]["metric"]["instance"] == "service:8888"

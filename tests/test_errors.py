@@ -14,9 +14,10 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from service import logs
+from service import logs, metrics
 from service.app import ServiceApp
 from service.config import Settings
+from service.context import WorkerContext
 from service.handlers.base import BaseHandler
 from service.state import WorkerState
 from service.ticker import Ticker
@@ -28,7 +29,7 @@ class Boom(BaseHandler):
 
 
 async def _fetch_boom() -> HTTPResponse:
-    app = ServiceApp(Settings(), WorkerState(0), Ticker(1.0, 0))
+    app = ServiceApp(Settings(), WorkerContext(WorkerState(0), Ticker(1.0, 0), metrics.renderer(None)))
     app.add_handlers(r".*", [(r"/boom", Boom, {"route": "boom"})])
     sock, port = bind_unused_port()
     server = HTTPServer(app)

@@ -227,7 +227,9 @@ def test_killing_a_worker_under_load_fails_no_request(start_service: Start, star
     threads = [threading.Thread(target=client) for _ in range(12)]
     for thread in threads:
         thread.start()
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while done < 100 and time.monotonic() < deadline:  # the load is flowing before the kill
+        time.sleep(0.01)
     victim_id, victim_pid = next(iter(svc.live_workers().items()))
     mark = len(svc.events)
     os.kill(victim_pid, signal.SIGKILL)

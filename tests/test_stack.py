@@ -7,15 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 from conftest import ROOT, require_tool
-from proxy import free_port, wait_for_port
+from proxy import free_port, wait_for_port, wait_for_query
 
 
 def _start(workdir: Path, user: str | None = None) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
@@ -57,18 +55,7 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
             wait_for_port(ports[name], timeout=30)
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/api/hello", timeout=10) as response:
             assert json.load(response) == {"message": "hello world"}
-        deadline = time.monotonic() + 30
-        while True:  # Prometheus has scraped the service
-            query = f"http://127.0.0.1:{ports['prometheus']}/api/v1/query?query=up%7Bjob%3D%22tornado%22%7D"
-            try:
-                with urllib.request.urlopen(query, timeout=10) as response:
-                    result = json.load(response)["data"]["result"]
-            except urllib.error.HTTPError:  # 503 while Prometheus opens its storage
-                result = []
-            if result and result[0]["value"][1] == "1":
-                break
-            assert time.monotonic() < deadline, "Prometheus never scraped the service"
-            time.sleep(0.5)
+        wait_for_query(ports["prometheus"], 'up{job="tornado"} == 1')  # Prometheus scraped the service
     except BaseException as exc:
         failure = exc
     finally:

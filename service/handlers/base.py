@@ -7,8 +7,7 @@ upgrade of Tornado keeps working.
 
 from __future__ import annotations
 
-import http
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -16,31 +15,10 @@ from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler
 
 from service import logs, requestid
-
-if TYPE_CHECKING:
-    from service.app import ServiceApp
+from service.context import SETTING, WorkerContext
+from service.errors import ApiError, error_json
 
 _log = logs.get_logger("service.handlers")
-
-
-class ApiError(HTTPError):
-    """An error whose message is safe to show the client (HTTPError's log_message is not)."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(status_code, log_message=message.replace("%", "%%"))
-        self.message = message
-
-
-def error_body(status_code: int, exc_info: Any = None) -> dict[str, Any]:
-    exc = exc_info[1] if exc_info else None
-    if isinstance(exc, ApiError):
-        message = exc.message
-    else:
-        try:
-            message = http.HTTPStatus(status_code).phrase
-        except ValueError:
-            message = "Error"
-    return {"error": message, "status": status_code}
 
 
 class ServiceHandler(RequestHandler):
@@ -54,15 +32,16 @@ class ServiceHandler(RequestHandler):
         self.route = route
 
     @property
-    def app(self) -> ServiceApp:
-        return cast("ServiceApp", self.application)
+    def worker(self) -> WorkerContext:
+        """This worker's state, tick bus and metrics renderer (see service.context)."""
+        return cast(WorkerContext, self.application.settings[SETTING])
 
     def set_default_headers(self) -> None:
         """Runs when the handler is made (and again if an error resets the response)."""
         if not self.request_id:
             self.request_id = requestid.choose(self.request.headers.get(requestid.HEADER, ""))
         self.clear_header("Server")
-        state = self.app.state
+        state = self.worker.state
         self.set_header("X-Worker-Id", state.worker_id_header)
         self.set_header("X-Worker-PID", state.pid_header)
         self.set_header(requestid.HEADER, self.request_id)
@@ -101,7 +80,8 @@ class ServiceHandler(RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error is a small JSON body; no traceback ever reaches a client."""
         self.set_header("Content-Type", "application/json")
-        self.finish(orjson.dumps(error_body(status_code, kwargs.get("exc_info"))))
+        exc_info = kwargs.get("exc_info")
+        self.finish(error_json(status_code, exc_info[1] if exc_info else None))
 
 
 class BaseHandler(ServiceHandler):
@@ -111,13 +91,13 @@ class BaseHandler(ServiceHandler):
 
     def prepare(self) -> None:
         super().prepare()
-        self.app.state.request_started()
+        self.worker.state.request_started()
         self._counted = True
 
     def on_finish(self) -> None:
         if self._counted:
             self._counted = False
-            self.app.state.request_finished()
+            self.worker.state.request_finished()
 
     def int_arg(self, name: str, low: int, high: int, default: int | None = None) -> int:
         raw = self.get_query_argument(name, None)

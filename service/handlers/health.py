@@ -17,7 +17,7 @@ class HealthzHandler(BaseHandler):
 
 class ReadyzHandler(BaseHandler):
     def get(self) -> None:
-        state = self.app.state
+        state = self.worker.state
         if state.ready and not state.draining:
             self.write_json({"status": "ready"})
         else:

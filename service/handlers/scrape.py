@@ -14,7 +14,7 @@ from service.handlers.base import BaseHandler
 class MetricsHandler(BaseHandler):
     async def get(self) -> None:
         body, content_type = await IOLoop.current().run_in_executor(
-            None, self.app.render_metrics, self.request.headers.get("Accept")
+            None, self.worker.render_metrics, self.request.headers.get("Accept")
         )
         self.set_header("Content-Type", content_type)
         self.finish(body)

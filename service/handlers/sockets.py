@@ -12,7 +12,8 @@ from tornado.iostream import StreamBufferFullError
 from tornado.websocket import WebSocketClosedError, WebSocketHandler
 
 from service import logs, metrics
-from service.handlers.base import ApiError, ServiceHandler
+from service.errors import ApiError
+from service.handlers.base import ServiceHandler
 
 _log = logs.get_logger("service.handlers")
 
@@ -26,16 +27,16 @@ def _retrieve(future: Future[None]) -> None:
 class TrackedSocket(ServiceHandler, WebSocketHandler):
     def prepare(self) -> None:
         super().prepare()
-        if self.app.state.draining:
+        if self.worker.state.draining:
             raise ApiError(503, "server is shutting down")
 
     def open(self, *args: str, **kwargs: str) -> None:
-        self.app.state.websockets.add(self)
+        self.worker.state.websockets.add(self)
         metrics.WEBSOCKETS.labels(self.route).inc()
 
     def on_close(self) -> None:
-        if self in self.app.state.websockets:
-            self.app.state.websockets.discard(self)
+        if self in self.worker.state.websockets:
+            self.worker.state.websockets.discard(self)
             metrics.WEBSOCKETS.labels(self.route).dec()
 
     def send(self, message: str | bytes) -> None:
@@ -69,12 +70,12 @@ class TickerSocket(TrackedSocket):
 
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
-        self.app.ticker.subscribe(self.send)
+        self.worker.ticker.subscribe(self.send)
 
     def on_message(self, message: str | bytes) -> None:
         """Clients only listen; what they send is counted and otherwise ignored."""
         metrics.WEBSOCKET_MESSAGES.labels(self.route, "in").inc()
 
     def on_close(self) -> None:
-        self.app.ticker.unsubscribe(self.send)
+        self.worker.ticker.unsubscribe(self.send)
         super().on_close()

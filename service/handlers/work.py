@@ -23,7 +23,7 @@ class SleepHandler(BaseHandler):
         ms = self.int_arg("ms", 0, SLEEP_MAX_MS)
         started = time.monotonic()
         await asyncio.sleep(ms / 1000.0)
-        state = self.app.state
+        state = self.worker.state
         self.write_json({
             "worker": state.worker_id,
             "pid": state.pid,
@@ -37,7 +37,7 @@ class ComputeHandler(BaseHandler):
         n = self.int_arg("n", 1, COMPUTE_MAX_N)
         started = time.monotonic()
         result = sum(i * i for i in range(n)) % 1_000_000_007  # blocks the event loop, on purpose
-        state = self.app.state
+        state = self.worker.state
         self.write_json({
             "worker": state.worker_id,
             "pid": state.pid,
@@ -54,11 +54,11 @@ class PollHandler(BaseHandler):
 
     async def get(self) -> None:
         timeout = self.seconds_arg("timeout", 0.0, POLL_MAX_SECONDS, POLL_DEFAULT_SECONDS)
-        app = self.app
+        worker = self.worker
         event: str | None = None
-        if not app.state.draining:
-            self._waiter = app.ticker.next_event()
-            waiting = metrics.LONG_POLLS.labels(app.state.worker_id_header)
+        if not worker.state.draining:
+            self._waiter = worker.ticker.next_event()
+            waiting = metrics.LONG_POLLS.labels(worker.state.worker_id_header)
             waiting.inc()
             try:
                 event = await asyncio.wait_for(self._waiter, timeout)
