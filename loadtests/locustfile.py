@@ -81,10 +81,9 @@ class TickerUser(User):
     def _connect(self) -> None:
         started = time.time()
         try:
-            # No Origin header, as k6 sends none: through Nginx (`Host: $host`, the port left out) an
-            # Origin with a port fails Tornado's same-origin check with 403.
-            self.ws = websocket.create_connection(ws_url(self.host or "", WS_PATH), timeout=10,
-                                                  suppress_origin=True)
+            # With an Origin, as a browser sends it: Nginx passes the Host with its port, so
+            # Tornado's same-origin check passes through it as well as directly.
+            self.ws = websocket.create_connection(ws_url(self.host or "", WS_PATH), timeout=10)
         except Exception as exc:  # any failure to open is one failed `connect`
             self.ws = None
             self._fire("connect", started, (time.time() - started) * 1000, exception=exc)

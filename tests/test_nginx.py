@@ -17,7 +17,7 @@ import pytest
 import wsclient
 from conftest import ServiceProcess, http_request, require_tool
 from proxy import Nginx, Prometheus
-from tornado.httpclient import HTTPRequest
+from tornado.httpclient import HTTPClientError, HTTPRequest
 
 Start = Callable[..., ServiceProcess]
 StartProxy = Callable[..., Nginx]
@@ -110,6 +110,30 @@ def test_websocket_over_tls(nginx: Nginx) -> None:
         return reply
 
     assert wsclient.run(scenario()) == "over tls"
+
+
+def test_a_browsers_websocket_on_a_non_default_port_passes_the_origin_check(nginx: Nginx) -> None:
+    """A browser sends Origin with the port it used; the Host Nginx passes on must keep it too."""
+    origin = f"http://127.0.0.1:{nginx.http_port}"
+
+    async def scenario() -> object:
+        request = HTTPRequest(f"ws://127.0.0.1:{nginx.http_port}/ws/echo", headers={"Origin": origin})
+        conn = await wsclient.connect(request)
+        await conn.write_message("same origin")
+        reply = await conn.read_message()
+        conn.close()
+        return reply
+
+    assert wsclient.run(scenario()) == "same origin"
+
+    async def foreign() -> None:
+        request = HTTPRequest(f"ws://127.0.0.1:{nginx.http_port}/ws/echo",
+                              headers={"Origin": "http://evil.example"})
+        await wsclient.connect(request)
+
+    with pytest.raises(HTTPClientError) as refused:
+        wsclient.run(foreign())
+    assert refused.value.code == 403  # another site's page is still refused
 
 
 def test_metrics_are_not_public(nginx: Nginx, backend: ServiceProcess) -> None:
