@@ -200,7 +200,10 @@ def compare(
             "ticks",
             f"{_n(count(metrics, 'ticks_received'))} received, {_n(count(metrics, 'ticks_missed'))} missed",
             f"{_n(fig.get('ws_messages_out'))} sent (tornado_websocket_messages_total out)"))
-        out.rows.append(Comparison("tick fan-out latency", _trend_text(trend(metrics, "tick_latency")), "-"))
+        out.rows.append(Comparison(
+            "tick fan-out latency, whole run", _trend_text(trend(metrics, "tick_latency")), "-"))
+        out.rows.append(Comparison(
+            "tick fan-out latency, all held", _trend_text(trend(metrics, "tick_latency_held")), "-"))
         out.errors = {"ws_connect_failures": count(metrics, "ws_connect_failures"),
                       "ws_unexpected_closes": count(metrics, "ws_unexpected_closes"),
                       "ws_errors": count(metrics, "ws_errors")}

@@ -93,6 +93,8 @@ def test_websockets_smoke(tmp_path: Path) -> None:
     assert metrics["ws_connect_failures"]["count"] == 0
     assert metrics["ws_unexpected_closes"]["count"] == 0
     assert metrics["ticks_received"]["count"] > 0 and metrics["tick_latency"]["count"] > 0
+    # the ticks of the hold (from 1 s of ramp + 2 s of margin on) only: some, and fewer than in all
+    assert 0 < metrics["tick_latency_held"]["count"] < metrics["tick_latency"]["count"]
     figures = result["server"]["figures"]
     assert figures["websockets_peak"] == 300  # every socket open at once, as the client says
     assert sum(figures["connections_peak_by_worker"].values()) >= 300

@@ -14,16 +14,8 @@
 // Metrics: k6's http_reqs, http_req_failed and http_req_duration, also per scenario
 // (`{scenario:hello}`, `{scenario:sleep}`), and dropped_iterations when k6 could not keep the rate.
 import http from 'k6/http';
+import { BASE_URL, envNumber } from './lib.js';
 
-function envNumber(name, fallback) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got ${raw}`);
-  return value;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const RATE = Math.max(1, envNumber('RATE', 200));
 const DURATION = Math.max(3, envNumber('DURATION', 30));
 const SLEEP_MS = Math.floor(envNumber('SLEEP_MS', 100));

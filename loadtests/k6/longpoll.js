@@ -21,16 +21,8 @@
 // to another worker.)
 import http from 'k6/http';
 import { Counter, Trend } from 'k6/metrics';
+import { BASE_URL, envNumber } from './lib.js';
 
-function envNumber(name, fallback) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got ${raw}`);
-  return value;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const POLL_TIMEOUT = envNumber('POLL_TIMEOUT', 30);
 const URL = `${BASE_URL}${__ENV.POLL_PATH || '/api/poll'}?timeout=${POLL_TIMEOUT}`;
 const N = Math.max(1, Math.floor(envNumber('N', 100)));

@@ -25,16 +25,8 @@
 // Throughput of a phase = its count / DURATION; the runner sets it against C / (S / 1000).
 import http from 'k6/http';
 import { Counter, Trend } from 'k6/metrics';
+import { BASE_URL, envNumber } from './lib.js';
 
-function envNumber(name, fallback) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got ${raw}`);
-  return value;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const C = Math.max(1, Math.floor(envNumber('C', 50)));
 const S = Math.floor(envNumber('S', 100));
 const COMPUTE_N = Math.floor(envNumber('COMPUTE_N', 200000));

@@ -16,25 +16,24 @@
 //                                       open when the hold ended
 //   MAX_UNEXPECTED_CLOSES  [0]          threshold: sockets closed by anyone but this client
 //   TICK_P95_MS            [unset]      threshold on tick_latency p(95), when set
+//   HOLD_MARGIN_S          [2]          tick_latency_held counts ticks received from N/RATE + this
+//                                       many seconds after the scenario's start
 //
 // Metrics: ws_connect_time (Trend, ms: new WebSocket() to open), ws_sockets_opened,
 // ws_connect_failures, ws_unexpected_closes (tagged `code`: the close code the server sent, or
 // `none`: k6 1.1.0 reports no code for a server's 1000 or 1001 close, nor for a reset),
 // ws_errors (every error event but those after this client's own close), ws_errors_after_close
 // (k6's "close sent" and the like once this client had closed: not a failure), ticks_received,
-// ticks_missed (gaps in a socket's `seq`), tick_latency (Trend, ms). All Counters but the Trends.
+// ticks_missed (gaps in a socket's `seq`), tick_latency (Trend, ms: every tick, the connect ramp's
+// included), tick_latency_held (Trend, ms: only the ticks received once the ramp is over for every
+// VU, i.e. from the scenario's start + N/RATE + HOLD_MARGIN_S: the latency with all N connected).
+// All Counters but the Trends. Several k6 processes sharing one run each get N and RATE in the same
+// proportion, so N/RATE, and so the held phase, is the same in each.
 import { Counter, Trend } from 'k6/metrics';
 import { WebSocket } from 'k6/experimental/websockets';
+import exec from 'k6/execution';
+import { BASE_URL, envNumber } from './lib.js';
 
-function envNumber(name, fallback) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) throw new Error(`${name} must be a non-negative number, got ${raw}`);
-  return value;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/+$/, '');
 const WS_URL = BASE_URL.replace(/^http/, 'ws') + (__ENV.WS_PATH || '/ws/ticker');
 const N = Math.max(1, Math.floor(envNumber('N', 100)));
 const RATE = Math.max(0.001, envNumber('RATE', 100));
@@ -42,6 +41,7 @@ const D = envNumber('D', 10);
 const VUS = Math.min(N, Math.max(1, Math.floor(envNumber('VUS', Math.ceil(N / 500)))));
 const RAMP_S = N / RATE; // every VU opens its share at RATE / VUS per second: all finish together
 const CLOSE_AT_S = RAMP_S + D; // after its start, each VU closes its sockets at this time
+const HOLD_MARGIN_S = envNumber('HOLD_MARGIN_S', 2);
 
 const CLOSE_CODES = ['none', '1000', '1001', '1002', '1003', '1006', '1008', '1009', '1011', '1012', '1013', '1014'];
 const thresholds = {
@@ -75,6 +75,11 @@ const errorsAfterClose = new Counter('ws_errors_after_close');
 const ticksReceived = new Counter('ticks_received');
 const ticksMissed = new Counter('ticks_missed');
 const tickLatency = new Trend('tick_latency', true);
+const tickLatencyHeld = new Trend('tick_latency_held', true);
+
+// When the held phase starts (ms since the epoch): the same instant in every VU of this process,
+// from the scenario's start (not the VU's, which may start later).
+let heldFrom = Infinity;
 
 const CLOSE_CODE = /close (\d{4})/;
 
@@ -104,6 +109,7 @@ function openSocket(sockets) {
     const received = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
     ticksReceived.add(1);
     tickLatency.add(received - tick.ts * 1000);
+    if (received >= heldFrom) tickLatencyHeld.add(received - tick.ts * 1000);
     if (typeof tick.seq === 'number') {
       if (state.seq >= 0 && tick.seq > state.seq + 1) ticksMissed.add(tick.seq - state.seq - 1);
       state.seq = tick.seq;
@@ -136,6 +142,7 @@ function openSocket(sockets) {
 }
 
 export default function () {
+  heldFrom = exec.scenario.startTime + (RAMP_S + HOLD_MARGIN_S) * 1000;
   const mine = share(__VU);
   const perSecond = mine / RAMP_S;
   const sockets = [];
