@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import WSMsgType, web
+from ticks import tick_messages
 
 TICK_INTERVAL = float(os.environ.get("TICK_INTERVAL", "1.0"))
 CLIENTS = web.AppKey("clients", set[web.WebSocketResponse])
@@ -49,14 +48,8 @@ async def ticker_socket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def tick(app: web.Application) -> None:
-    loop = asyncio.get_running_loop()
-    seq, due = 0, loop.time()
-    while True:
-        due += TICK_INTERVAL
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        seq += 1
-        message = json.dumps({"type": "tick", "seq": seq, "ts": time.time(), "worker": 0})
-        clients = app[CLIENTS]
+    clients = app[CLIENTS]
+    async for message in tick_messages(TICK_INTERVAL):
         for ws in list(clients):
             with contextlib.suppress(ConnectionError):
                 await ws.send_str(message)

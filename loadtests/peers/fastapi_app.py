@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from ticks import tick_messages
 
 TICK_INTERVAL = float(os.environ.get("TICK_INTERVAL", "1.0"))
 clients: set[WebSocket] = set()
 
 
 async def tick() -> None:
-    loop = asyncio.get_running_loop()
-    seq, due = 0, loop.time()
-    while True:
-        due += TICK_INTERVAL
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        seq += 1
-        message = json.dumps({"type": "tick", "seq": seq, "ts": time.time(), "worker": 0})
+    async for message in tick_messages(TICK_INTERVAL):
         for websocket in list(clients):
             with contextlib.suppress(Exception):
                 await websocket.send_text(message)

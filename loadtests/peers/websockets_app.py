@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import uvloop
+from ticks import tick_messages
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
@@ -52,13 +52,8 @@ async def process_request(connection: ServerConnection, request: Request) -> Res
 
 
 async def tick() -> None:
-    loop = asyncio.get_running_loop()
-    seq, due = 0, loop.time()
-    while True:
-        due += TICK_INTERVAL
-        await asyncio.sleep(max(0.0, due - loop.time()))
-        seq += 1
-        broadcast(CONNECTIONS, json.dumps({"type": "tick", "seq": seq, "ts": time.time(), "worker": 0}))
+    async for message in tick_messages(TICK_INTERVAL):
+        broadcast(CONNECTIONS, message)
 
 
 async def main() -> None:
