@@ -13,9 +13,9 @@ So: long-lived clients (WebSockets, long polls) are split over several k6 proces
 loopback source address of its own (`--local-ips 127.0.0.2`, `127.0.0.3`...); Nginx gets enough
 workers that each holds its share of two connections per client (client side and upstream side)
 within its open files, with `worker_connections` to match; the service gets enough workers, and
-a `MAX_CONNECTIONS`, for its share. One hop cannot be spread: Nginx reaches the service from
-127.0.0.1 to one port, so at most about the port range of clients can be proxied at once; past
-that the plan says so and `--direct` aims the clients at the service itself.
+a `MAX_CONNECTIONS`, for its share. Nginx reaches the service at one address and port, so past
+about one port range of clients its upstream connections get source addresses of their own too
+(`UPSTREAM_SOURCE_ADDRESSES`, Nginx's `proxy_bind`, from 127.0.0.201 up).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ FD_HEADROOM = 1_000  # descriptors per process kept for everything but client so
 SERVICE_FD_RESERVE = 256  # what the service's supervisor keeps beside MAX_CONNECTIONS
 IMBALANCE = 1.2  # SO_REUSEPORT spreads connections by a hash: allow a worker 20% above its share
 SERVICE_DEFAULT_MAX_CONNECTIONS = 10_000
-NGINX_DEFAULT_WORKER_CONNECTIONS = 16_384
+NGINX_DEFAULT_WORKER_CONNECTIONS = 10_000
+FIRST_UPSTREAM_SOURCE = 201  # 127.0.0.201...: Nginx's source addresses to the service (k6 uses 2 up)
 K6_BYTES_PER_SOCKET = 80_000
 
 # Scenarios whose clients each hold one connection for the whole run.
@@ -81,6 +82,7 @@ class Plan:
     nginx_worker_connections: int
     nginx_rlimit_nofile: int
     limits: Limits
+    nginx_upstream_sources: str = ""  # UPSTREAM_SOURCE_ADDRESSES, comma-separated; "": the kernel's choice
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -165,25 +167,37 @@ def make_plan(
                          "because of the open-files limit, not for CPU")
 
     # -- Nginx ---------------------------------------------------------------------------------
+    # worker_rlimit_nofile is at least twice worker_connections (gixy's rule, and room for the
+    # descriptors a worker holds beside its connections), and the hard open-files limit caps it.
+    connections_cap = limits.open_files // 2
     nginx_workers = limits.cores
     proxied = 2 * held if through_nginx else 0
     if proxied:
-        nginx_workers = max(nginx_workers, math.ceil(proxied * IMBALANCE / usable))
+        nginx_workers = max(nginx_workers, math.ceil(proxied * IMBALANCE / (connections_cap - 512)))
     worker_connections = NGINX_DEFAULT_WORKER_CONNECTIONS
     if proxied:
-        worker_connections = max(worker_connections, math.ceil(proxied * IMBALANCE / nginx_workers) + 1024)
-    worker_connections = min(worker_connections, limits.open_files - 500)
+        worker_connections = max(worker_connections, math.ceil(proxied * IMBALANCE / nginx_workers) + 512)
+    worker_connections = min(worker_connections, connections_cap)
+    upstream_sources = ""
+    # Half a port range per upstream source address: the TIME_WAIT left by an earlier run through
+    # the same pair holds ports for a minute (seen: 2,535 "Cannot assign requested address" at 20,000).
+    upstream_share = port_budget // 2
+    if held and through_nginx and loopback and local_stack and held > upstream_share:
+        count = math.ceil(held / upstream_share)
+        upstream_sources = ",".join(f"127.0.0.{FIRST_UPSTREAM_SOURCE + i}" for i in range(count))
+        if FIRST_UPSTREAM_SOURCE + count - 1 > 254:
+            errors.append("more loopback addresses for Nginx's upstream side than 127.0.0.201-254")
     if held and through_nginx and local_stack:
         notes.append(
             f"Nginx: {nginx_workers} worker(s), worker_connections {worker_connections:,}, "
             f"worker_rlimit_nofile {limits.open_files:,} ({proxied:,} connections: two a client, "
             f"client side and upstream side; listeners with reuseport)"
         )
-        if held > port_budget:
-            errors.append(
-                f"{held:,} clients through Nginx: its upstream connections all go from 127.0.0.1 to the "
-                f"service's one port, at most about {port_budget:,} at once ({limits.ports:,} ephemeral "
-                "ports); use --direct (clients to the service itself) or fewer clients"
+        if upstream_sources:
+            notes.append(
+                f"Nginx to the service: {held:,} connections from {upstream_sources} "
+                "(UPSTREAM_SOURCE_ADDRESSES; "
+                f"at most {upstream_share:,} from one source address to the service's one port)"
             )
     if held and not through_nginx:
         notes.append("clients go to the service directly (--direct); Nginx carries none of them")
@@ -191,5 +205,5 @@ def make_plan(
         scenario=scenario, clients=held, through_nginx=through_nginx, k6=k6, service_workers=workers,
         max_connections=max_connections, nginx_workers=nginx_workers,
         nginx_worker_connections=worker_connections, nginx_rlimit_nofile=limits.open_files,
-        limits=limits, notes=notes, errors=errors,
+        limits=limits, nginx_upstream_sources=upstream_sources, notes=notes, errors=errors,
     )

@@ -213,6 +213,9 @@ class Run:
                  "WORKER_RLIMIT_NOFILE": plan.nginx_rlimit_nofile, "ACCESS_LOG": "/dev/null"}
         service = ["--workers", str(plan.service_workers), "--max-connections", str(plan.max_connections),
                    "--no-access-log", "--tick-interval", str(self.args.tick_interval)]
+        if plan.nginx_upstream_sources:  # Nginx reaches the service from these: it is still the proxy
+            nginx["UPSTREAM_SOURCE_ADDRESSES"] = plan.nginx_upstream_sources
+            service += ["--forwarded-allow-ips", f"127.0.0.1,::1,{plan.nginx_upstream_sources}"]
         if self.args.reuse_port:
             service.append("--reuse-port")
         command = [

@@ -10,6 +10,7 @@ template stays readable as Nginx configuration. Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -40,6 +41,11 @@ DEFAULTS: dict[str, str] = {
     # Proxies in front of Nginx (an Ingress controller, a load balancer) whose X-Forwarded-For is
     # believed, comma-separated addresses or CIDRs; empty: none, the peer is the client.
     "REAL_IP_FROM": "",
+    # Source addresses for the connections to the service, comma-separated (e.g.
+    # 127.0.0.11,127.0.0.12 on loopback); empty: the kernel picks, as usual. One source address
+    # has one ephemeral port range (about 28,000 ports) to one service address and port, so past
+    # that many WebSockets or long polls at once each extra address adds another range.
+    "UPSTREAM_SOURCE_ADDRESSES": "",
 }
 UPSTREAM_REPEAT = 2  # why: see the comment on `upstream tornado` in the template
 
@@ -62,6 +68,20 @@ def real_ip_directives(trusted: str) -> str:
     return "\n".join([*lines, "    real_ip_header X-Forwarded-For;", "    real_ip_recursive on;"])
 
 
+def upstream_bind_directives(sources: str) -> str:
+    """Spread the connections to the service over several source addresses (proxy_bind)."""
+    addresses = [a.strip() for a in sources.split(",") if a.strip()]
+    if not addresses:
+        return "    # UPSTREAM_SOURCE_ADDRESSES is empty: the kernel picks the upstream source address."
+    if len(addresses) == 1:
+        return f"    proxy_bind {addresses[0]};"
+    share = math.floor(10_000 / len(addresses)) / 100  # split_clients takes two decimals at most
+    lines = ['    split_clients "$remote_addr$remote_port$connection" $upstream_source {']
+    lines += [f"        {share:.2f}% {address};" for address in addresses[:-1]]
+    lines += [f"        * {addresses[-1]};", "    }", "    proxy_bind $upstream_source;"]
+    return "\n".join(lines)
+
+
 def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -71,6 +91,7 @@ def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str
     }
     merged["UPSTREAM_SERVERS"] = upstream_servers(merged["UPSTREAM"])
     merged["REAL_IP_DIRECTIVES"] = real_ip_directives(merged["REAL_IP_FROM"])
+    merged["UPSTREAM_BIND_DIRECTIVES"] = upstream_bind_directives(merged["UPSTREAM_SOURCE_ADDRESSES"])
     return merged
 
 

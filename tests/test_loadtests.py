@@ -166,8 +166,13 @@ def test_plan_spreads_load_within_the_limits() -> None:
     assert per_nginx_worker < plan.nginx_worker_connections <= limits.open_files
     assert 20_000 / plan.service_workers < plan.max_connections <= limits.open_files - 256
 
+    assert plan.nginx_upstream_sources == "127.0.0.201,127.0.0.202"
+    assert plan.nginx_rlimit_nofile >= 2 * plan.nginx_worker_connections
+
     through_nginx = make_plan("websockets", 50_000, 500, limits, loopback=True)
-    assert any("--direct" in error for error in through_nginx.errors)
+    assert not through_nginx.errors
+    assert len(through_nginx.nginx_upstream_sources.split(",")) == 5  # 12,000 ports each
+    assert 2 * 50_000 / through_nginx.nginx_workers < through_nginx.nginx_worker_connections
     direct = make_plan("websockets", 50_000, 500, limits, loopback=True, through_nginx=False)
     assert not direct.errors
     assert direct.service_workers >= 4 and 50_000 / direct.service_workers < direct.max_connections

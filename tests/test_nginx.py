@@ -186,6 +186,27 @@ def test_service_logs_the_clients_address_not_nginxs(nginx: Nginx, backend: Serv
     assert nginx.log_line("from-127-0-0-5")["remote_addr"] == "127.0.0.5"
 
 
+def test_upstream_connections_spread_over_the_source_addresses(
+    start_service: Start, start_proxy: StartProxy
+) -> None:
+    """UPSTREAM_SOURCE_ADDRESSES: Nginx's connections to the service come from those addresses (each
+    one gives another ephemeral port range). WebSockets, because each holds an upstream connection
+    of its own; the service trusts only 127.0.0.1, so it logs the TCP peer: the source address."""
+    svc = start_service("--tick-interval", "60")
+    proxy = start_proxy(svc.port, UPSTREAM_SOURCE_ADDRESSES="127.0.0.201,127.0.0.202")
+    ids = [f"spread-{i}" for i in range(16)]
+
+    async def hold_all() -> None:
+        url = f"ws://127.0.0.1:{proxy.http_port}/ws/echo"
+        sockets = [await wsclient.connect(HTTPRequest(url, headers={"X-Request-ID": rid})) for rid in ids]
+        for sock in sockets:
+            sock.close()
+
+    wsclient.run(hold_all())
+    peers = {svc.wait_for(lambda e, rid=rid: e.get("request_id") == rid)["client_ip"] for rid in ids}
+    assert peers == {"127.0.0.201", "127.0.0.202"}  # split_clients sends about half to each
+
+
 def test_long_poll_outlasts_nginx_default_read_timeout(start_service: Start, start_proxy: StartProxy) -> None:
     """Both sides shortened to keep the test fast; the relation is the production one."""
     svc = start_service("--tick-interval", "60")
