@@ -116,6 +116,7 @@ class Child:
     def __init__(
         self, name: str, command: list[str], log: Path, env: dict[str, str] | None = None,
         echo: Callable[[str], bool] = lambda _: True, on_line: Callable[[str], None] | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.command = command
@@ -126,6 +127,7 @@ class Child:
         self.proc = subprocess.Popen(
             command, cwd=ROOT, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         self.descendants: set[int] = set()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -305,6 +307,15 @@ class Run:
                            "--master-port", str(port)], env)] * workers
         return [(master, env), *commands]
 
+    def load_nice(self) -> int:
+        """The load generator's niceness: on the local stack it shares the cores with the server,
+        and the kernel gives every runnable process (three k6, six Nginx workers, two service
+        workers...) an equal share, so without this the server starves first. Seen at 20,000
+        sockets: service workers at 20% of a core each, their accept queues full (2,049 of
+        2,048), Nginx's connects to them timing out. At nice 10 the load generator waits instead;
+        its own queueing still shows in the client's latencies, as it should."""
+        return 0 if self.args.url else self.args.nice
+
     def expected_seconds(self) -> float:
         a = self.args
         if self.scenario.name in HELD_SCENARIOS:
@@ -324,7 +335,7 @@ class Run:
         for i, (command, child_env) in enumerate(commands):
             name = ("locust" if i == 0 else f"locust{i}") if is_locust else f"k6.{i + 1}"
             log = self.report_dir / f"{name.replace('.', '-')}.log"
-            child = Child(name, command, log, env=child_env, echo=_not_blank)
+            child = Child(name, command, log, env=child_env, echo=_not_blank, nice=self.load_nice())
             self.children.append(child)
             load.append(child)
         deadline = time.monotonic() + budget
@@ -433,6 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-reuse-port", dest="reuse_port", action="store_false",
                         help="local stack: one shared listener instead of SO_REUSEPORT per worker")
     parser.add_argument("--tick-interval", type=float, default=1.0, help="local stack: service's ticks, s")
+    parser.add_argument("--nice", type=int, default=10,
+                        help="local stack: the load generator's niceness (0: same priority as the server)")
     parser.add_argument("--locust-workers", type=int, default=0, help="locust: master and this many workers")
     parser.add_argument("--timeout", type=float, help="most seconds the load runs (1.5x expected + 90)")
     parser.add_argument("--reports", type=Path, default=REPORTS, help="folder of the report folders")

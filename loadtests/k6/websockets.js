@@ -18,6 +18,10 @@
 //   TICK_P95_MS            [unset]      threshold on tick_latency p(95), when set
 //   HOLD_MARGIN_S          [2]          tick_latency_held counts ticks received from N/RATE + this
 //                                       many seconds after the scenario's start
+//   LATENCY_SAMPLE         [1]          share of the sockets whose ticks feed tick_latency and
+//                                       tick_latency_held (every socket still counts its ticks
+//                                       and gaps): 0.1 measures every tenth socket, which keeps
+//                                       k6's own cost per tick down when it holds tens of thousands
 //
 // Metrics: ws_connect_time (Trend, ms: new WebSocket() to open), ws_sockets_opened,
 // ws_connect_failures, ws_unexpected_closes (tagged `code`: the close code the server sent, or
@@ -27,7 +31,9 @@
 // ticks_missed (gaps in a socket's `seq`), tick_latency (Trend, ms: every tick, the connect ramp's
 // included), tick_latency_held (Trend, ms: only the ticks received once the ramp is over for every
 // VU, i.e. from the scenario's start + N/RATE + HOLD_MARGIN_S: the latency with all N connected).
-// All Counters but the Trends. Several k6 processes sharing one run each get N and RATE in the same
+// All Counters but the Trends. ticks_received and ticks_missed are added up in each VU and handed
+// to k6 once a second (and at the close), not once per tick: a k6 metric sample per tick per socket
+// cost k6 more CPU than everything else it does for that tick. Several k6 processes sharing one run each get N and RATE in the same
 // proportion, so N/RATE, and so the held phase, is the same in each.
 import { Counter, Trend } from 'k6/metrics';
 import { WebSocket } from 'k6/experimental/websockets';
@@ -42,6 +48,8 @@ const VUS = Math.min(N, Math.max(1, Math.floor(envNumber('VUS', Math.ceil(N / 50
 const RAMP_S = N / RATE; // every VU opens its share at RATE / VUS per second: all finish together
 const CLOSE_AT_S = RAMP_S + D; // after its start, each VU closes its sockets at this time
 const HOLD_MARGIN_S = envNumber('HOLD_MARGIN_S', 2);
+const LATENCY_SAMPLE = Math.min(1, envNumber('LATENCY_SAMPLE', 1));
+const LATENCY_EVERY = LATENCY_SAMPLE > 0 ? Math.max(1, Math.round(1 / LATENCY_SAMPLE)) : Infinity;
 
 const CLOSE_CODES = ['none', '1000', '1001', '1002', '1003', '1006', '1008', '1009', '1011', '1012', '1013', '1014'];
 const thresholds = {
@@ -80,6 +88,15 @@ const tickLatencyHeld = new Trend('tick_latency_held', true);
 // When the held phase starts (ms since the epoch): the same instant in every VU of this process,
 // from the scenario's start (not the VU's, which may start later).
 let heldFrom = Infinity;
+// This VU's tick counts since they were last handed to k6 (see flushCounts).
+const pending = { received: 0, missed: 0 };
+
+function flushCounts() {
+  if (pending.received) ticksReceived.add(pending.received);
+  if (pending.missed) ticksMissed.add(pending.missed);
+  pending.received = 0;
+  pending.missed = 0;
+}
 
 const CLOSE_CODE = /close (\d{4})/;
 
@@ -90,10 +107,17 @@ function share(vu) {
 }
 
 function openSocket(sockets) {
+  const measured = sockets.length % LATENCY_EVERY === 0;
   const state = { ws: null, started: Date.now(), open: false, closing: false, done: false, code: '', seq: -1 };
   const ws = new WebSocket(WS_URL);
   state.ws = ws;
   ws.onopen = () => {
+    if (state.closing) {
+      // It opened only after the hold ended (already counted as a failure): close it now, or
+      // the VU's iteration, and so k6, waits for it forever (seen: k6 past its maxDuration).
+      ws.close();
+      return;
+    }
     state.open = true;
     opened.add(1);
     connectTime.add(Date.now() - state.started);
@@ -106,12 +130,14 @@ function openSocket(sockets) {
       return;
     }
     if (!tick || tick.type !== 'tick' || typeof tick.ts !== 'number') return;
-    const received = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
-    ticksReceived.add(1);
-    tickLatency.add(received - tick.ts * 1000);
-    if (received >= heldFrom) tickLatencyHeld.add(received - tick.ts * 1000);
+    pending.received += 1;
+    if (measured) {
+      const received = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
+      tickLatency.add(received - tick.ts * 1000);
+      if (received >= heldFrom) tickLatencyHeld.add(received - tick.ts * 1000);
+    }
     if (typeof tick.seq === 'number') {
-      if (state.seq >= 0 && tick.seq > state.seq + 1) ticksMissed.add(tick.seq - state.seq - 1);
+      if (state.seq >= 0 && tick.seq > state.seq + 1) pending.missed += tick.seq - state.seq - 1;
       state.seq = tick.seq;
     }
   };
@@ -152,8 +178,11 @@ export default function () {
     while (sockets.length < due) openSocket(sockets);
     if (sockets.length >= mine) clearInterval(opener);
   }, Math.max(10, Math.min(100, 1000 / perSecond)));
+  const flusher = setInterval(flushCounts, 1000);
   setTimeout(() => {
     clearInterval(opener);
+    clearInterval(flusher);
+    flushCounts();
     for (const state of sockets) {
       if (state.done) continue;
       if (!state.open) connectFailures.add(1); // still not open when the hold ended: it failed too
