@@ -3,56 +3,80 @@
 Counting is done for every request; the access line can be sampled (ACCESS_LOG_SAMPLE) or
 switched off (ACCESS_LOG=false) for very high loads, except that server errors (5xx) are
 always written, since those are the lines someone will look for.
+
+This runs once per request, so it is written for that: the counts go into the worker's plain
+Python totals (flushed into the metric files by the worker, see service.metrics), and the
+access line is one dict, in its documented field order, serialised once (service.logs).
 """
 
 from __future__ import annotations
 
+import datetime
 import random
+from bisect import bisect_left
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Histogram
 from tornado.web import RequestHandler
 
 from service import logs, metrics
-from service.handlers.base import ServiceHandler
+
+if TYPE_CHECKING:
+    from service.handlers.base import ServiceHandler
 
 
 def request_observer(enabled: bool, sample: float, **fields: object) -> Callable[[RequestHandler], None]:
     """Tornado's log_function for one worker; `fields` (worker, pid) go on every access line."""
-    _log = logs.access_logger(**fields)
+    write = logs.access_writer()
+    info, warning, error = (logs.access_level_enabled(level) for level in ("info", "warning", "error"))
     writes_all = enabled and sample >= 1.0
-    label_cache: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+    rows = metrics.HTTP_TOTALS.rows  # flushed into prometheus-client's values by the worker's Flusher
+    new_row, bounds, methods = metrics.RequestTotals.new_row, metrics.LATENCY_BOUNDS, metrics.METHODS
+    now, utc, chance = datetime.datetime.now, datetime.UTC, random.random
 
     def observe(any_handler: RequestHandler) -> None:
-        handler = cast(ServiceHandler, any_handler)  # every route, and the default one, is ours
+        handler: ServiceHandler = any_handler  # type: ignore[assignment]  # every route is ours
         request = handler.request
         status = handler.get_status()
-        route, request_id, sent = handler.route, handler.request_id, handler.response_bytes
-        method = metrics.method_label(request.method)
+        route = handler.route
+        method = request.method
         duration = request.request_time()
-        key = (method, route, status)
-        children = label_cache.get(key)
-        if children is None:  # labels() takes a lock and builds tuples: once per combination
-            children = label_cache[key] = (
-                metrics.REQUESTS.labels(method, route, str(status)), metrics.DURATION.labels(method, route)
-            )
-        children[0].inc()
-        children[1].observe(duration)
-        if not (writes_all or status >= 500 or (enabled and random.random() < sample)):
+        key = (method if method in methods else "other", route, status)
+        row = rows.get(key)  # RequestTotals.add, inline
+        if row is None:
+            row = rows[key] = new_row()
+        row[bisect_left(bounds, duration)] += 1
+        row[-1] += duration
+        if not (writes_all or status >= 500 or (enabled and chance() < sample)):
             return
-        log = _log.info if status < 400 else _log.warning if status < 500 else _log.error
-        log(
-            "request",
-            method=request.method,
-            path=request.path,
-            handler=route,
-            status=status,
-            duration_ms=round(duration * 1000.0, 3),
-            bytes=sent,
-            request_id=request_id,
-            client_ip=request.remote_ip,
-            user_agent=request.headers.get("User-Agent", ""),
-        )
+        if status < 400:
+            if not info:
+                return
+            level = "info"
+        elif status < 500:
+            if not warning:
+                return
+            level = "warning"
+        else:
+            if not error:
+                return
+            level = "error"
+        agents = request.headers.get_list("User-Agent")  # no KeyError raised when a client sends none
+        write({
+            "logger": "access",
+            **fields,
+            "method": method,
+            "path": request.path,
+            "handler": route,
+            "status": status,
+            "duration_ms": round(duration * 1000.0, 3),
+            "bytes": handler.response_bytes,
+            "request_id": handler.request_id,
+            "client_ip": request.remote_ip,
+            "user_agent": agents[0] if len(agents) == 1 else ",".join(agents),
+            "event": "request",
+            "level": level,
+            "timestamp": now(utc),
+        })
 
     return observe

@@ -10,6 +10,12 @@ histograms keep its history, so a restart does not make `rate()` jump backwards.
 Labels are bounded: `handler` is a route's name (unknown paths share `not_found`), `method` one
 of the standard verbs or `other`, `worker` a worker id (0..n-1, stable across restarts).
 
+The two per-request metrics are not written per request: a worker adds each request to plain
+Python totals (`RequestTotals`), and its `Flusher` adds those into the multiprocess values every
+100 ms, before it answers a scrape, and when it drains and exits. A scrape must also see the
+other workers' latest requests, so the answering worker asks them all through a page of shared
+memory the supervisor makes before the fork (`FlushBoard`) and waits for them, a bounded time.
+
 Every metric has labels, so importing this module creates no value and so no file. The
 supervisor writes three things of its own: the build info, and a 0 for every worker id in
 `tornado_worker_restarts_total` and `tornado_workers_alive` (`declare_workers`), so those series
@@ -22,7 +28,11 @@ This module is a leaf: everything may import it and it imports nothing from the 
 
 from __future__ import annotations
 
+import asyncio
 import math
+import mmap
+import os
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,8 +117,199 @@ BUILD_INFO = Gauge(
 )
 
 
-def method_label(method: str | None) -> str:
-    return method if method in METHODS else "other"
+LATENCY_BOUNDS = (*LATENCY_BUCKETS, math.inf)  # the histogram's buckets as prometheus-client keeps them
+FLUSH_SECONDS = 0.1  # what a SIGKILL can lose of a worker's request counts
+ASK_CHECK_SECONDS = 0.05  # how often a worker looks whether another worker's scrape asked for a flush
+SCRAPE_WAIT_SECONDS = 0.15  # how long a scrape waits for the other workers' flushes, at most
+
+FLUSHER_SETTING = "metrics_flusher"  # the worker's Flusher in Application.settings, for /metrics
+RequestKey = tuple[str, str, int]  # (method label, handler, status code)
+
+
+class RequestTotals:
+    """A worker's HTTP requests since its last flush, in plain Python: per (method, handler, code),
+    the latency histogram's bucket counts and sum (the request count is the buckets' total).
+
+    Writing prometheus-client's values per request cost three mmap writes (the counter, one
+    bucket, the sum), each behind a lock and a getpid() check for a fork; here a request is a
+    dict lookup and two list additions, and `flush` makes the writes, a few per key seen, for
+    all the requests since the last one. Only the worker's event loop touches it.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[RequestKey, list[float]] = {}  # [bucket 0, ..., bucket +Inf, sum]
+        self._children: dict[RequestKey, tuple[Counter, Histogram]] = {}
+
+    def add(self, method: str, handler: str, code: int, seconds: float) -> None:
+        """One finished request (the access observer does the same inline, see service.access)."""
+        row = self.rows.get((method, handler, code))
+        if row is None:
+            row = self.rows[(method, handler, code)] = self.new_row()
+        row[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        row[-1] += seconds
+
+    @staticmethod
+    def new_row() -> list[float]:
+        return [0] * len(LATENCY_BOUNDS) + [0.0]
+
+    def flush(self) -> None:
+        """Add every total into the multiprocess values, and start again from zero."""
+        for key, row in self.rows.items():
+            count = sum(row[:-1])
+            if not count:
+                continue
+            # Zeroed before the writes: were one to fail (a full disk), its counts would be lost
+            # rather than added twice by the next flush.
+            taken, row[:] = row[:], self.new_row()
+            children = self._children.get(key)
+            if children is None:  # labels() takes a lock and builds tuples: once per key
+                method, handler, code = key
+                children = self._children[key] = (
+                    REQUESTS.labels(method, handler, str(code)), DURATION.labels(method, handler)
+                )
+            counter, histogram = children
+            # prometheus-client has no public way to add n observations to a bucket at once:
+            # its Histogram keeps one value per bucket in `_buckets` and the sum in `_sum`, the
+            # values `observe` increments (pinned by tests/test_contracts.py; constraints.txt pins
+            # the version). The buckets are stored per bucket, not cumulatively, as here.
+            buckets = histogram._buckets
+            for index, observed in enumerate(taken[:-1]):
+                if observed:
+                    buckets[index].inc(observed)
+            histogram._sum.inc(taken[-1])
+            counter.inc(count)
+
+    def forget(self) -> None:
+        """After a fork: nothing the parent counted is the child's (a worker starts from zero)."""
+        self.rows.clear()  # in place: the access observer holds on to this dict
+        self._children.clear()
+
+
+HTTP_TOTALS = RequestTotals()  # this process's; every worker has its own after the fork
+os.register_at_fork(after_in_child=HTTP_TOTALS.forget)
+
+
+class FlushBoard:
+    """The page through which a scrape asks every worker to flush: shared memory made before the fork.
+
+    An anonymous MAP_SHARED mapping that the supervisor makes before it forks, so every worker,
+    and every worker restarted later, shares the same memory (nothing on disk, nothing to clean
+    up). 64-bit words: word 0 is the generation, bumped by a worker answering a scrape; then per
+    worker id, the generation that worker flushed last and its pid while it serves (0 when it is
+    not), so a scrape waits only for workers that are there. Aligned 64-bit words are written
+    whole; two scrapes bumping at once may both write the same generation, which asks the same
+    thing twice, no harm done.
+    """
+
+    def __init__(self, workers: int) -> None:
+        size = 8 * (1 + 2 * workers)
+        self._map = mmap.mmap(-1, max(size, mmap.PAGESIZE))  # -1: anonymous; shared across fork
+        self._words = memoryview(self._map).cast("q")
+        self.workers = workers
+
+    def generation(self) -> int:
+        return int(self._words[0])
+
+    def ask(self) -> int:
+        """Ask every worker to flush; the generation to wait for."""
+        wanted = self._words[0] + 1
+        self._words[0] = wanted
+        return int(wanted)
+
+    def join(self, worker_id: int, pid: int) -> None:
+        if 0 <= worker_id < self.workers:
+            self._words[1 + 2 * worker_id] = self._words[0]
+            self._words[2 + 2 * worker_id] = pid
+
+    def leave(self, worker_id: int) -> None:
+        if 0 <= worker_id < self.workers:
+            self._words[2 + 2 * worker_id] = 0
+
+    def flushed(self, worker_id: int, generation: int) -> None:
+        if 0 <= worker_id < self.workers and self._words[1 + 2 * worker_id] < generation:
+            self._words[1 + 2 * worker_id] = generation
+
+    def all_flushed(self, generation: int) -> bool:
+        """Every serving worker has flushed since `generation` was asked for."""
+        words = self._words
+        return all(
+            not words[2 + 2 * worker_id] or words[1 + 2 * worker_id] >= generation
+            for worker_id in range(self.workers)
+        )
+
+
+class Flusher:
+    """In a worker: adds its `RequestTotals` into the multiprocess values, on four occasions.
+
+    1. every FLUSH_SECONDS (100 ms): a SIGKILL loses at most that much of this worker's counts;
+    2. when another worker's scrape asks (looked for every ASK_CHECK_SECONDS, 50 ms);
+    3. before this worker answers a scrape (`flush_everywhere`, which also asks the others and
+       waits up to SCRAPE_WAIT_SECONDS for them: a worker stuck in CPU-bound work cannot answer,
+       and its latest counts appear in a later scrape);
+    4. when the worker drains and when it exits (`stop`).
+    Without a board (one process, a test) it flushes only its own totals.
+    """
+
+    def __init__(self, totals: RequestTotals, worker_id: int, board: FlushBoard | None = None) -> None:
+        self.totals = totals
+        self.worker_id = worker_id
+        self.board = board
+        self._seen = board.generation() if board is not None else 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._checks = 0
+
+    def start(self) -> None:
+        if self.board is not None:
+            self.board.join(self.worker_id, os.getpid())
+        self._timer = asyncio.get_running_loop().call_later(ASK_CHECK_SECONDS, self._check)
+
+    def stop(self) -> None:
+        """The last flush, as the worker leaves: afterwards no scrape waits for it."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+        if self.board is not None:
+            self.board.leave(self.worker_id)
+
+    def flush(self) -> None:
+        board = self.board
+        asked = board.generation() if board is not None else 0  # read before: a later ask flushes again
+        self.totals.flush()
+        if board is not None:
+            board.flushed(self.worker_id, asked)
+        self._seen = asked
+
+    def _check(self) -> None:
+        self._checks += 1
+        board = self.board
+        try:
+            if self._checks % round(FLUSH_SECONDS / ASK_CHECK_SECONDS) == 0 or (
+                board is not None and board.generation() != self._seen
+            ):
+                self.flush()
+        finally:
+            self._timer = asyncio.get_running_loop().call_later(ASK_CHECK_SECONDS, self._check)
+
+    async def flush_everywhere(self, timeout: float = SCRAPE_WAIT_SECONDS) -> bool:
+        """Before a scrape: flush here, ask every worker to, and wait for them (bounded).
+
+        True when every serving worker flushed in time.
+        """
+        self.flush()
+        board = self.board
+        if board is None:
+            return True
+        wanted = board.ask()
+        board.flushed(self.worker_id, wanted)  # this worker has nothing newer than the flush above
+        self._seen = wanted
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not board.all_flushed(wanted):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
+        return True
 
 
 def declare_workers(workers: int) -> None:

@@ -28,5 +28,20 @@ os.register_at_fork(after_in_child=_reseed)
 
 
 def choose(given: str) -> str:
-    """`given` when it is 1 to 128 safe characters (what Nginx applies too), else a new id."""
-    return given if _SANE.fullmatch(given) else f"{_prefix}{next(_counter):016x}"
+    """`given` when it is 1 to 128 safe characters (what Nginx applies too), else a new id.
+
+    Most requests without Nginx in front carry none: an empty id is replaced without a regex.
+    """
+    if given and _SANE.fullmatch(given):
+        return given
+    return f"{_prefix}{next(_counter):016x}"
+
+
+def from_headers(values: list[str]) -> str:
+    """The id for a request whose X-Request-ID header lines are `values` (`HTTPHeaders.get_list`).
+
+    Several lines are joined with commas, as `HTTPHeaders` would, which no sane id contains.
+    """
+    if not values:
+        return choose("")
+    return choose(values[0] if len(values) == 1 else ",".join(values))

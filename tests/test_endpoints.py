@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import socket
 import time
@@ -27,6 +28,26 @@ def test_api_hello_is_json(service: ServiceProcess) -> None:
     assert status == 200
     assert headers["content-type"] == "application/json"
     assert json.loads(body) == {"message": "hello world"}
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("GET", "/api/hello", 200), ("GET", "/", 200), ("GET", "/healthz", 200), ("GET", "/nope", 404),
+    ("DELETE", "/api/hello", 405), ("GET", "/api/sleep?ms=x", 400), ("HEAD", "/api/hello", 405),
+])
+def test_every_response_has_a_date_and_the_identity_headers_and_no_server_banner(
+    service: ServiceProcess, method: str, path: str, status: int
+) -> None:
+    """The service makes its responses' default headers itself (ServiceHandler.clear, instead of
+    Tornado's): these are what it must still send, errors included (send_error resets them)."""
+    got, headers, _ = service.request(path, method=method, headers={"X-Request-ID": "hdr-1"})
+    assert got == status
+    assert "server" not in headers  # no version banner
+    date = email.utils.parsedate_to_datetime(headers["date"])  # RFC 9110's IMF-fixdate, in GMT
+    assert headers["date"].endswith(" GMT") and date.tzinfo is not None
+    assert abs(date.timestamp() - time.time()) < 300  # the current time, not one frozen at start
+    assert int(headers["x-worker-pid"]) == service.live_workers()[int(headers["x-worker-id"])]
+    assert headers["x-request-id"] == "hdr-1"
+    assert headers["content-length"].isdigit()
 
 
 def test_sleep_waits_and_names_the_worker(service: ServiceProcess) -> None:

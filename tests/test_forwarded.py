@@ -2,10 +2,10 @@
 
 Anyone who reaches the service's port can send X-Forwarded-For or X-Real-IP; believed from
 anyone, they let a client choose the address that is logged (and that any rate limit or audit
-trail would use). These run the real service and read its access lines. They also pin what the
-service borrows from Tornado's private `_ProxyAdapter` (see service/server.py): that a trusted
-peer's X-Real-IP, X-Forwarded-For and X-Forwarded-Proto are applied, and nothing leaks to the
-next request on the same connection.
+trail would use). These run the real service and read its access lines. They also prove what
+service/server.py's `ForwardedHeaders` does in place of Tornado's xheaders (whose private
+context attributes tests/test_contracts.py pins): a trusted peer's X-Real-IP or X-Forwarded-For
+is applied when it is an address, and nothing leaks to the next request on the same connection.
 """
 
 from __future__ import annotations
@@ -71,3 +71,14 @@ def test_forwarded_values_do_not_leak_to_the_next_request_on_a_connection(start_
         conn.close()
     assert logged_client(svc, "first") == SPOOF
     assert logged_client(svc, "second") == "127.0.0.1"
+
+
+def test_a_trusted_proxy_naming_no_valid_address_leaves_the_peer(start_service: Start) -> None:
+    """Addresses are checked (once per distinct value) before they are believed: a malformed one,
+    even from the trusted proxy, does not become the logged client."""
+    svc = start_service(env={"FORWARDED_ALLOW_IPS": "127.0.0.2"})
+    proxy = "127.0.0.2"
+    for n in range(2):  # the second time from the remembered answer
+        assert ask(svc, f"bad-real-ip-{n}", proxy, **{"X-Real-IP": "not-an-address"}) == proxy
+        assert ask(svc, f"bad-xff-{n}", proxy, **{"X-Forwarded-For": f"{SPOOF}, 999.1.1.1"}) == proxy
+        assert ask(svc, f"v6-{n}", proxy, **{"X-Forwarded-For": "2001:db8::7"}) == "2001:db8::7"
