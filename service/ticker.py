@@ -1,8 +1,11 @@
 """The tick bus: one timer per worker that fans each tick out to every WebSocket and long poll.
 
 Every event carries `ts`, the server's wall-clock time when the fan-out began, so a client can
-measure fan-out latency as (receive time - ts). The event is encoded once per tick, not once
-per subscriber: with thousands of sockets the encoding would otherwise dominate.
+measure fan-out latency as (receive time - ts). The event is encoded and framed once per tick,
+not once per subscriber: each subscriber gets the same `Tick`, the JSON text (long polls, and any
+socket that must go through Tornado's `write_message`) and the WebSocket frame of it, ready to be
+written as is (service.frames). With thousands of sockets, per-socket encoding and framing was
+most of a tick's cost (bench/broadcast.py measures it).
 
 The bus knows nothing of routes or metrics: whoever builds it passes `on_fanout`, told how many
 subscribers each tick reached (the app counts them as WebSocket messages of its ticker route).
@@ -13,11 +16,22 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import orjson
 from tornado.ioloop import PeriodicCallback
 
-Subscriber = Callable[[str], None]
+from service.frames import text_frame
+
+
+class Tick(NamedTuple):
+    """One tick event, encoded once: what every subscriber of that tick is handed."""
+
+    text: str  # the JSON event, as a long poll answers it
+    frame: bytes  # the same JSON as one complete server-to-client WebSocket text frame
+
+
+Subscriber = Callable[[Tick], None]
 
 
 class Ticker:
@@ -64,12 +78,13 @@ class Ticker:
 
     def _tick(self) -> None:
         self.seq += 1
-        payload = orjson.dumps(
+        body = orjson.dumps(
             {"type": "tick", "seq": self.seq, "ts": time.time(), "worker": self.worker_id,
              "interval": self.interval}
-        ).decode()
-        subscribers = list(self._subscribers)
+        )
+        tick = Tick(body.decode(), text_frame(body))
+        subscribers = list(self._subscribers)  # a subscriber may leave while the tick goes out
         for subscriber in subscribers:
-            subscriber(payload)
+            subscriber(tick)
         self.on_fanout(len(subscribers))
-        self._resolve(payload)
+        self._resolve(tick.text)
