@@ -32,8 +32,8 @@ DEFAULTS: dict[str, str] = {
     "PROXY_READ_TIMEOUT": "60s",  # plain requests (the service's /api/sleep is at most 60 s)
     "LONG_READ_TIMEOUT": "330s",  # WebSockets and long polls (a long poll lasts at most 300 s)
     "WORKER_PROCESSES": "auto",  # auto: one per core of the machine (not of a container's CPU limit)
-    "WORKER_CONNECTIONS": "16384",
-    "WORKER_RLIMIT_NOFILE": "20000",
+    "WORKER_CONNECTIONS": "10000",  # at most half of WORKER_RLIMIT_NOFILE (see the template)
+    "WORKER_RLIMIT_NOFILE": "20000",  # at most the hard open-files limit (ulimit -Hn)
     "RUN_DIR": "/tmp/nginx",
     "ACCESS_LOG": "/dev/stdout",
     "ERROR_LOG": "/dev/stderr",
