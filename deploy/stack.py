@@ -1,5 +1,10 @@
 """The whole stack on one machine, no containers: the service, Nginx in front, Prometheus behind.
 
+With BROADCAST_URL set (in the environment, or `-- --broadcast-url URL`) to a Redis on this
+machine's loopback, Debian's `redis-server` runs on that port too, first, for the rooms'
+backplane (no persistence, its files in the working directory); unset, the rooms use the
+embedded bus and no Redis runs.
+
 `make stack` runs this. Everything lives in a working directory of its own (`.stack/` by
 default): rendered configuration, a self-signed TLS pair when none is given, Prometheus' data.
 Each component is an ordinary child process; their output is followed here, one prefixed line
@@ -21,12 +26,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from nginx import render as nginx_render
+from service.config import redis_address
 
 ROOT = Path(__file__).resolve().parent.parent
 # The same recording rules and alerts as deploy/compose.yaml's Prometheus (one source).
@@ -76,6 +82,33 @@ def prometheus_config(jobs: dict[str, str], interval: str = "5s", rule_files: Se
 def prometheus_command(config: Path, data: Path, listen: str) -> list[str]:
     return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
             f"--web.listen-address={listen}", "--storage.tsdb.retention.time=2d", "--log.level=warn"]
+
+
+def broadcast_url(service_args: Sequence[str], environ: Mapping[str, str]) -> str:
+    """BROADCAST_URL as the service will see it: its flag among the service's arguments, else the variable."""
+    for index, arg in enumerate(service_args):
+        if arg == "--broadcast-url" and index + 1 < len(service_args):
+            return service_args[index + 1].strip()
+        if arg.startswith("--broadcast-url="):
+            return arg.split("=", 1)[1].strip()
+    return environ.get("BROADCAST_URL", "").strip()
+
+
+def local_redis_port(url: str) -> int | None:
+    """The port of a Redis the stack should run itself: one on this machine's loopback; else None."""
+    if not url:
+        return None
+    host, port, _ = redis_address(url)
+    return port if host in ("127.0.0.1", "localhost", "::1") else None
+
+
+# Redis for pub/sub only: no snapshots, no append-only file (deploy/k8s.py runs it the same way).
+REDIS_FLAGS = ("--save", "", "--appendonly", "no")
+
+
+def redis_command(port: int, directory: Path) -> list[str]:
+    """Debian's redis-server on loopback, in the foreground, nothing written to disk."""
+    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", *REDIS_FLAGS, "--dir", str(directory)]
 
 
 def port_open(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
@@ -201,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     nginx_settings = dict(item.partition("=")[::2] for item in args.nginx)
     if unknown := sorted(set(nginx_settings) - set(nginx_render.DEFAULTS)):
         parser.error(f"--nginx: unknown setting(s) {', '.join(unknown)}")
-    for tool in ("nginx", "prometheus", "openssl"):
+    try:
+        redis_port = local_redis_port(broadcast_url(args.service_args, os.environ))
+    except ValueError as exc:
+        parser.error(f"BROADCAST_URL: {exc}")
+    for tool in ("nginx", "prometheus", "openssl", *(["redis-server"] if redis_port else [])):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is not installed (`make stack` installs it)")
 
@@ -223,7 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs["nginx"] = exporter
     prom_yml.write_text(prometheus_config(jobs, interval=args.scrape_interval, rule_files=RULE_FILES))
 
-    components = [
+    components = []
+    if redis_port:  # first: the service's workers connect to it at start (and retry until it is up)
+        (workdir / "redis").mkdir(parents=True, exist_ok=True)
+        components.append(Component("redis", redis_command(redis_port, workdir / "redis"),
+                                    url=f"redis://127.0.0.1:{redis_port}  (the rooms' backplane)",
+                                    ready_port=redis_port))
+    components += [
         Component("service", [sys.executable, "-m", "service", "--address", "127.0.0.1",
                               "--port", str(args.service_port), "--shutdown-grace", str(args.shutdown_grace),
                               *args.service_args],

@@ -14,7 +14,9 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +53,12 @@ class Settings:
     max_write_buffer: int = 4 * 1024 * 1024
     max_restarts: int = 100
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    broadcast_url: str = ""  # "": the embedded bus between this service's workers; else redis://HOST:PORT/DB
+    broadcast_channel: str = "tornado-rooms"
+    broadcast_dir: str = ""  # "": a private temporary directory, made by the supervisor before the fork
+    room_publish_rate: float = 20.0
+    room_publish_burst: int = 40
+    room_classes: tuple[str, ...] = ()
 
 
 class SettingError(ValueError):
@@ -127,6 +135,87 @@ def _proxies(raw: str) -> tuple[str, ...]:
     return items
 
 
+REDIS_DEFAULT_PORT = 6379
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}\Z")
+_CHANNEL = re.compile(r"[!-~]{1,100}\Z")  # printable ASCII, no space
+_CLASS = re.compile(r"[A-Za-z0-9_-]{1,32}\Z")
+MAX_ROOM_CLASSES = 32
+
+
+def _broadcast_url(raw: str) -> str:
+    """Empty (the embedded bus), or `redis://HOST[:PORT][/DB]`, returned as `redis://HOST:PORT/DB`.
+
+    No user or password: the start-up line logs every setting, and a secret has no place there
+    (README, Rooms: reach Redis over a network only the service can use). No `rediss://`.
+    """
+    value = raw.strip()
+    if not value:
+        return ""
+    try:
+        host, port, db = redis_address(value)
+    except ValueError as exc:
+        raise SettingError(f"{exc}; expected empty (the embedded bus) or redis://HOST:PORT/DB") from None
+    shown = f"[{host}]" if ":" in host else host
+    return f"redis://{shown}:{port}/{db}"
+
+
+def redis_address(url: str) -> tuple[str, int, int]:
+    """(host, port, db) of a `redis://HOST[:PORT][/DB]` URL; ValueError says what is wrong."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"scheme {parts.scheme or 'missing'!r} is not redis")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("no user or password in the URL (it would be logged)")
+    if parts.query or parts.fragment:
+        raise ValueError("no query or fragment")
+    host = parts.hostname or ""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST.match(host):
+            raise ValueError(f"host {host!r} is not a host name or an IP address") from None
+    port = parts.port  # urlsplit raises ValueError for a port out of range
+    if port == 0:
+        raise ValueError("port 0 is no Redis port")
+    path = parts.path.strip("/")
+    if path and not (path.isascii() and path.isdigit() and int(path) <= 1_000_000):
+        raise ValueError(f"database {path!r} is not a number")
+    return host, port or REDIS_DEFAULT_PORT, int(path or 0)
+
+
+def _without_credentials(raw: str) -> str:
+    """A refused BROADCAST_URL as the error shows it: any user and password replaced by ***."""
+    return repr(re.sub(r"(?<=://)[^@/]*@", "***@", raw))
+
+
+def _channel(raw: str) -> str:
+    value = raw.strip()
+    if not _CHANNEL.match(value):
+        raise SettingError("must be 1-100 printable ASCII characters without spaces")
+    return value
+
+
+def _room_classes(raw: str) -> tuple[str, ...]:
+    """Comma-separated names of 1-32 characters of [A-Za-z0-9_-], at most 32 (bounded metric labels)."""
+    items = tuple(dict.fromkeys(item.strip() for item in raw.split(",") if item.strip()))
+    for item in items:
+        if not _CLASS.match(item):
+            raise SettingError(f"{item!r} is not 1-32 characters of A-Z, a-z, 0-9, _ and -")
+    if len(items) > MAX_ROOM_CLASSES:
+        raise SettingError(f"at most {MAX_ROOM_CLASSES} classes (each is a metric label value)")
+    return items
+
+
+def _rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingError("not a number") from None
+    if not 0.0 <= value <= 100_000.0:  # NaN fails this too
+        raise SettingError("must be from 0 (no limit) to 100000 per second")
+    return value
+
+
 def _choice(options: Sequence[str]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -135,6 +224,23 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108, with its NUL)
+
+
+def _bus_directory(raw: str) -> str:
+    """Empty, or an absolute directory short enough for the sockets' paths (`<dir>/w<id>.sock`)."""
+    value = raw.strip()
+    if value and not os.path.isabs(value):
+        raise SettingError("must be an absolute path (or empty: a private temporary directory)")
+    try:
+        size = len(os.fsencode(value + "/w1024.sock"))
+    except UnicodeError:
+        raise SettingError("not a path this system can name") from None
+    if "\x00" in value or size > UNIX_PATH_MAX:
+        raise SettingError(f"must be a path (no NUL) short enough for {UNIX_PATH_MAX} bytes of socket path")
+    return value
 
 
 def _boolean(raw: str) -> bool:
@@ -153,6 +259,7 @@ class _Option:
     parse: Callable[[str], Any]
     help: str
     flag: str = ""
+    shown: Callable[[str], str] = repr  # how a refused value is quoted in the error
 
     @property
     def cli(self) -> str:
@@ -253,6 +360,47 @@ OPTIONS: tuple[_Option, ...] = (
         "peers (addresses or CIDRs, comma-separated; '*' for any) whose X-Forwarded-For, X-Real-IP "
         "and X-Forwarded-Proto are believed: your own proxy only",
     ),
+    _Option(
+        "broadcast_url",
+        "BROADCAST_URL",
+        _broadcast_url,
+        "the rooms' backplane: empty for the embedded bus between this service's workers (one "
+        "machine, nothing else to run), or redis://HOST:PORT/DB for Redis pub/sub between instances",
+        shown=_without_credentials,
+    ),
+    _Option(
+        "broadcast_channel",
+        "BROADCAST_CHANNEL",
+        _channel,
+        "the Redis pub/sub channel of the rooms (pub/sub ignores the database number: services "
+        "sharing one Redis need channels of their own)",
+    ),
+    _Option(
+        "broadcast_dir",
+        "BROADCAST_DIR",
+        _bus_directory,
+        "directory of the embedded bus's sockets, made before the fork; empty: a private temporary one",
+    ),
+    _Option(
+        "room_publish_rate",
+        "ROOM_PUBLISH_RATE",
+        _rate,
+        "messages per second one WebSocket (or one client address, for POST /api/publish) may "
+        "publish, on average; faster closes the socket with 4029 or answers 429 (0: no limit)",
+    ),
+    _Option(
+        "room_publish_burst",
+        "ROOM_PUBLISH_BURST",
+        _int_in(1, 1_000_000),
+        "messages a publisher may send at once before ROOM_PUBLISH_RATE applies",
+    ),
+    _Option(
+        "room_classes",
+        "ROOM_CLASSES",
+        _room_classes,
+        "room classes for metric labels, comma-separated: room 'chat.42' is of class 'chat' when "
+        "it is listed, every other room of class 'other' (a room name is never a label)",
+    ),
 )
 
 
@@ -285,8 +433,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Parse flags and environment into Settings, or exit 2 naming the setting that is wrong."""
+EMBEDDED_BUS_OVERHEAD = 256  # bytes of a bus record that are not the message: header and room name
+
+
+def embedded_bus_limit() -> int:
+    """The largest message the embedded bus can carry in one datagram on this machine.
+
+    Linux refuses a Unix datagram larger than the sending socket's buffer (less 32 bytes), and
+    caps that buffer at twice `net.core.wmem_max`; asking for far more and reading back what was
+    granted measures it without reading /proc (which a container may not show).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 30)
+        granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    return int(granted) - 32 - EMBEDDED_BUS_OVERHEAD
+
+
+def load(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+    bus_limit: Callable[[], int] = embedded_bus_limit,
+) -> Settings:
+    """Parse flags and environment into Settings, or exit 2 naming the setting that is wrong.
+
+    `bus_limit` measures the embedded bus's largest message (a parameter, so tests can shrink it).
+    """
     env = os.environ if environ is None else environ
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -302,12 +472,18 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         try:
             values[opt.field] = opt.parse(raw)
         except SettingError as exc:
-            parser.error(f"invalid value {raw!r} for {source}: {exc}")
+            parser.error(f"invalid value {opt.shown(raw)} for {source}: {exc}")
     settings = Settings(**values)
     if settings.drain_delay >= settings.shutdown_grace:
         parser.error(
             f"DRAIN_DELAY (--drain-delay) {settings.drain_delay:g}s must be shorter than "
             f"SHUTDOWN_GRACE (--shutdown-grace) {settings.shutdown_grace:g}s"
+        )
+    if not settings.broadcast_url and settings.ws_max_message_size > (limit := bus_limit()):
+        parser.error(
+            f"WS_MAX_MESSAGE_SIZE (--ws-max-message-size) {settings.ws_max_message_size} is larger "
+            f"than the embedded bus carries on this machine ({limit} bytes, from net.core.wmem_max): "
+            "lower it, or set BROADCAST_URL to use Redis"
         )
     return settings
 

@@ -1,4 +1,4 @@
-"""What a worker hands its handlers: its state, its tick bus and the /metrics renderer.
+"""What a worker hands its handlers: its state, its tick bus, the /metrics renderer, its rooms.
 
 The worker builds one `WorkerContext` after the fork and puts it in the Tornado Application's
 settings (`worker`), Tornado's documented place for what handlers share; handlers read it from
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.broadcast import Broadcast
 from service.state import WorkerState
 from service.ticker import Ticker
 
@@ -24,3 +25,4 @@ class WorkerContext:
     state: WorkerState
     ticker: Ticker
     render_metrics: MetricsRenderer
+    broadcast: Broadcast | None = None  # rooms and their backplane (None: the rooms' routes answer 503)

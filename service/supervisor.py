@@ -42,7 +42,7 @@ import psutil
 from tornado.netutil import bind_sockets
 from tornado.process import fork_processes
 
-from service import __version__, logs, metrics, worker
+from service import __version__, localbus, logs, metrics, worker
 from service.config import Settings, describe
 from service.cpus import cpu_budget
 from service.metrics_dir import MetricsDirectory
@@ -72,7 +72,16 @@ class Supervisor:
             _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
                        address=self.settings.address or "*", error=str(exc))
             return 1
-        return self.fork_and_watch()
+        try:  # the embedded bus's directory, made before the fork (service/localbus.py)
+            self.settings, bus_dir = localbus.prepare(self.settings, self.workers)
+        except OSError as exc:
+            _log.error("cannot make the embedded bus's directory: check BROADCAST_DIR",
+                       directory=self.settings.broadcast_dir, error=str(exc))
+            return 1
+        try:
+            return self.fork_and_watch()
+        finally:  # the parent only: a worker leaves through os._exit
+            bus_dir.remove()
 
     # -- 1. size -----------------------------------------------------------------------------
     def size(self) -> None:
@@ -108,6 +117,7 @@ class Supervisor:
     def fork_and_watch(self) -> int:
         metrics.BUILD_INFO.labels(**version_info(), workers=str(self.workers)).set(1)
         metrics.declare_workers(self.workers)  # restarts and liveness at 0 per worker id, before any fork
+        flush_board = metrics.FlushBoard(self.workers)  # shared memory: made here, so every worker has it
         self.signals = StopSignals(self.pid)
         reports = TornadoChildReports(self)
         logging.getLogger("tornado.general").addFilter(reports)
@@ -124,7 +134,7 @@ class Supervisor:
             _log.info("every worker exited cleanly")
             return 0
         logging.getLogger("tornado.general").removeFilter(reports)
-        worker.become(worker_id, self.slots, self.settings, self.pid, self.metrics_dir.path)
+        worker.become(worker_id, self.slots, self.settings, self.pid, self.metrics_dir.path, flush_board)
 
     def worker_died(self, worker_id: int | None, pid: int, *, restarting: bool, exit_code: int | None = None,
                     signal_name: str | None = None) -> None:

@@ -6,11 +6,12 @@ order (each step is what an operator expects from a rolling update):
 
 1. /readyz turns 503 and keep-alive is switched off, so each later response carries
    `Connection: close` and clients reconnect (to another pod, once the balancer has noticed);
+   the request counts so far are flushed to the metric files (service.metrics);
 2. after DRAIN_DELAY, this worker closes its listening sockets: once every holder has, new
    connections are refused;
 3. long polls get their answer now (204) and WebSockets get a close frame with 1001;
 4. in-flight requests finish, until the worker's share of SHUTDOWN_GRACE runs out;
-5. what is left is closed, and the worker exits 0.
+5. what is left is closed, the last request counts are flushed, and the worker exits 0.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ import psutil
 import uvloop
 from tornado.ioloop import PeriodicCallback
 
-from service import logs, metrics
-from service.app import ServiceApp, count_ticks_sent
+from service import gcpolicy, logs, metrics
+from service.app import ServiceApp, count_chat_sent, count_ticks_sent
+from service.broadcast import Broadcast, build_broadcast
 from service.config import Settings
 from service.context import WorkerContext
 from service.looplag import LoopLagMonitor
@@ -55,7 +57,7 @@ def drain_budget(grace: float) -> float:
 
 def become(
     worker_id: int, slots: list[list[socket.socket]], settings: Settings, supervisor_pid: int,
-    metrics_path: Path,
+    metrics_path: Path, flush_board: metrics.FlushBoard | None = None,
 ) -> NoReturn:
     """In a just-forked child: serve on this slot's sockets, then leave without the parent's exit path."""
     mine = slots[worker_id]
@@ -64,19 +66,21 @@ def become(
             for sock in slot:
                 sock.close()
     try:
-        code = run(worker_id, mine, settings, supervisor_pid, metrics_path)
+        code = run(worker_id, mine, settings, supervisor_pid, metrics_path, flush_board)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
     except BaseException:  # a bug in a worker: one JSON line with the traceback, then a restart
         _log.exception("worker crashed", worker=worker_id)
         code = 1
+    with contextlib.suppress(Exception):  # what a crash left unflushed (after a clean exit: nothing)
+        metrics.HTTP_TOTALS.flush()
     logs.flush()
     os._exit(code)  # no atexit hooks, no removal of the metrics directory: those are the parent's
 
 
 def run(
     worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int,
-    metrics_path: Path | None = None,
+    metrics_path: Path | None = None, flush_board: metrics.FlushBoard | None = None,
 ) -> int:
     """Serve on `sockets` until told to stop; returns the exit code (0 after a clean drain)."""
     # Ctrl-C in a terminal reaches the whole process group: let the supervisor alone turn it
@@ -84,22 +88,26 @@ def run(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logs.bind_process(worker=worker_id, pid=os.getpid())
+    gcpolicy.tune_for_many_connections()  # full collections stalled the loop for seconds at 10,000 sockets
     with contextlib.suppress(OSError):  # Linux only; a name is a convenience, not a requirement
         Path("/proc/self/comm").write_text(f"{NAME_PREFIX}{worker_id}")
-    return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid, metrics_path))
+    return uvloop.run(_serve(worker_id, sockets, settings, supervisor_pid, metrics_path, flush_board))
 
 
 async def _serve(
     worker_id: int, sockets: list[socket.socket], settings: Settings, supervisor_pid: int,
-    metrics_path: Path | None,
+    metrics_path: Path | None, flush_board: metrics.FlushBoard | None,
 ) -> int:
     loop = asyncio.get_running_loop()
     state = WorkerState(worker_id)
     label = state.worker_id_header  # the `worker` label of every per-worker metric
     ticker = Ticker(settings.tick_interval, worker_id, on_fanout=count_ticks_sent)
-    context = WorkerContext(state, ticker, metrics.renderer(metrics_path))
+    broadcast = build_broadcast(settings, worker_id, on_sent=count_chat_sent)  # rooms and their backplane
+    context = WorkerContext(state, ticker, metrics.renderer(metrics_path), broadcast)
+    # Request counts are kept in plain Python and flushed into the metric files (service.metrics)
+    flusher = metrics.Flusher(metrics.HTTP_TOTALS, worker_id, flush_board)
     server = LimitedHTTPServer(
-        ServiceApp(settings, context),
+        ServiceApp(settings, context, **{metrics.FLUSHER_SETTING: flusher}),
         trust_forwarded=TrustedProxies(settings.forwarded_allow_ips),
         max_body_size=settings.max_body_size,
         max_header_size=settings.max_header_size,
@@ -136,7 +144,9 @@ async def _serve(
     housekeeper.start()
     lag = LoopLagMonitor(metrics.LOOP_LAG.labels(label))
     lag.start()
+    flusher.start()
     ticker.start()
+    broadcast.start()  # never waits for Redis: publishes get 503 until it is there
     metrics.WORKERS_ALIVE.labels(label).set(1)
     metrics.MAX_CONNECTIONS.labels(label).set(settings.max_connections)  # as fitted to the fd limit
     housekeeping()
@@ -144,9 +154,11 @@ async def _serve(
     _log.info("worker started", connections_cap=settings.max_connections)
 
     await stop.wait()
-    await drain(server, state, ticker, settings, reason[0])
+    await drain(server, state, ticker, settings, reason[0], flusher, broadcast)
+    await broadcast.stop()
     housekeeper.stop()
     lag.stop()
+    flusher.stop()  # the last counts, before the exit; no scrape waits for this worker after it
     # Drained: a late SIGTERM (say, the whole process group signalled as well as the supervisor's
     # forward) must not turn this clean exit into a death by signal once the loop closes.
     loop.remove_signal_handler(signal.SIGTERM)
@@ -155,18 +167,21 @@ async def _serve(
 
 
 async def drain(
-    server: LimitedHTTPServer, state: WorkerState, ticker: Ticker, settings: Settings, reason: str
+    server: LimitedHTTPServer, state: WorkerState, ticker: Ticker, settings: Settings, reason: str,
+    flusher: metrics.Flusher | None = None, broadcast: Broadcast | None = None,
 ) -> None:
     started = time.monotonic()
     deadline = started + drain_budget(settings.shutdown_grace)
     state.draining = True
     server.stop_keep_alive()
+    if flusher is not None:  # what was served so far counts at once (the timer goes on through the drain)
+        flusher.flush()
     _log.info("draining", reason=reason, in_flight=state.in_flight, websockets=len(state.websockets))
     if settings.drain_delay:
         await asyncio.sleep(settings.drain_delay)
     server.stop()
     ticker.stop()
-    polls = ticker.release_waiters()
+    polls = ticker.release_waiters() + (broadcast.release_waiters() if broadcast is not None else 0)
     sockets = state.close_websockets(GOING_AWAY, "server shutting down")
     while state.busy and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

@@ -72,7 +72,7 @@ class Nginx:
         cert, key = stack.self_signed(workdir / "tls")
         self.conf = stack.render_nginx(
             workdir / "nginx.conf", workdir / "run",
-            UPSTREAM=f"127.0.0.1:{upstream_port}", LISTEN_ADDRESS="127.0.0.1",
+            UPSTREAM=settings.pop("UPSTREAM", f"127.0.0.1:{upstream_port}"), LISTEN_ADDRESS="127.0.0.1",
             HTTP_PORT=str(self.http_port), TLS_PORT=str(self.tls_port), STATUS_PORT=str(self.status_port),
             TLS_CERT=str(cert), TLS_KEY=str(key), ACCESS_LOG=str(self.access_log),
             ERROR_LOG=str(self.error_log), **settings,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from service.config import OPTIONS, Settings, load
+from service.config import OPTIONS, Settings, embedded_bus_limit, load
 
 
 def _error_line(capsys: pytest.CaptureFixture[str], argv: list[str], environ: dict[str, str]) -> str:
@@ -54,6 +54,17 @@ def test_defaults_with_no_flags_and_an_empty_environment() -> None:
         ({"FORWARDED_ALLOW_IPS": "10.0.0.0/8, ::1"}, "forwarded_allow_ips", ("10.0.0.0/8", "::1")),
         ({"FORWARDED_ALLOW_IPS": "*"}, "forwarded_allow_ips", ("*",)),
         ({"FORWARDED_ALLOW_IPS": ""}, "forwarded_allow_ips", ()),
+        ({"BROADCAST_URL": ""}, "broadcast_url", ""),
+        ({"BROADCAST_URL": "redis://127.0.0.1:6380/2"}, "broadcast_url", "redis://127.0.0.1:6380/2"),
+        ({"BROADCAST_URL": "redis://redis"}, "broadcast_url", "redis://redis:6379/0"),
+        ({"BROADCAST_URL": " redis://[::1]/ "}, "broadcast_url", "redis://[::1]:6379/0"),
+        ({"BROADCAST_CHANNEL": "app:rooms"}, "broadcast_channel", "app:rooms"),
+        ({"BROADCAST_DIR": "/run/tornado-bus"}, "broadcast_dir", "/run/tornado-bus"),
+        ({"ROOM_PUBLISH_RATE": "0"}, "room_publish_rate", 0.0),
+        ({"ROOM_PUBLISH_RATE": "2.5"}, "room_publish_rate", 2.5),
+        ({"ROOM_PUBLISH_BURST": "1"}, "room_publish_burst", 1),
+        ({"ROOM_CLASSES": "chat, feed,chat"}, "room_classes", ("chat", "feed")),
+        ({"ROOM_CLASSES": ""}, "room_classes", ()),
     ],
 )
 def test_environment_values_are_parsed(environ: dict[str, str], field: str, expected: Any) -> None:
@@ -100,6 +111,23 @@ def test_a_flag_wins_over_its_variable(
         ([], {"FORWARDED_ALLOW_IPS": "nginx"}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
         ([], {"FORWARDED_ALLOW_IPS": "10.0.0.0/33"}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
         (["--forwarded-allow-ips", "*,10.0.0.1"], {}, "FORWARDED_ALLOW_IPS", "--forwarded-allow-ips"),
+        ([], {"BROADCAST_URL": "http://127.0.0.1:6379"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "rediss://127.0.0.1"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://h:0/0"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://h:70000/0"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://h/one"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://h/0?timeout=1"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://u:secret@h/0"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_URL": "redis://bad_host!/0"}, "BROADCAST_URL", "--broadcast-url"),
+        ([], {"BROADCAST_CHANNEL": "two words"}, "BROADCAST_CHANNEL", "--broadcast-channel"),
+        ([], {"BROADCAST_CHANNEL": " "}, "BROADCAST_CHANNEL", "--broadcast-channel"),
+        ([], {"BROADCAST_DIR": "/" + "d" * 120}, "BROADCAST_DIR", "--broadcast-dir"),
+        ([], {"ROOM_PUBLISH_RATE": "-1"}, "ROOM_PUBLISH_RATE", "--room-publish-rate"),
+        ([], {"ROOM_PUBLISH_RATE": "nan"}, "ROOM_PUBLISH_RATE", "--room-publish-rate"),
+        ([], {"ROOM_PUBLISH_BURST": "0"}, "ROOM_PUBLISH_BURST", "--room-publish-burst"),
+        ([], {"ROOM_CLASSES": "chat,bad.class"}, "ROOM_CLASSES", "--room-classes"),
+        ([], {"ROOM_CLASSES": ",".join(f"c{i}" for i in range(33))}, "ROOM_CLASSES", "--room-classes"),
     ],
 )
 def test_invalid_values_exit_2_naming_the_setting(
@@ -128,3 +156,36 @@ def test_help_mentions_every_variable_and_exits_0(
     out = capsys.readouterr().out
     missing = [opt.env for opt in OPTIONS if opt.env not in out or opt.cli not in out]
     assert not missing, f"--help does not mention {missing}"
+
+
+def test_a_refused_broadcast_url_is_not_echoed_with_its_password(capsys: pytest.CaptureFixture[str]) -> None:
+    error = _error_line(capsys, [], {"BROADCAST_URL": "redis://admin:hunter2@10.0.0.5:6379/0"})
+
+    assert "hunter2" not in error
+    assert "redis://***@10.0.0.5:6379/0" in error
+
+
+@pytest.mark.parametrize(
+    ("environ", "limit", "refused"),
+    [
+        ({"WS_MAX_MESSAGE_SIZE": "4096"}, 4096, False),
+        ({"WS_MAX_MESSAGE_SIZE": "4097"}, 4096, True),
+        ({"WS_MAX_MESSAGE_SIZE": "4097", "BROADCAST_URL": "redis://127.0.0.1"}, 4096, False),  # no bus
+    ],
+)
+def test_the_embedded_bus_must_carry_the_largest_websocket_message(
+    capsys: pytest.CaptureFixture[str], environ: dict[str, str], limit: int, refused: bool
+) -> None:
+    if refused:
+        with pytest.raises(SystemExit) as exited:
+            load([], environ, bus_limit=lambda: limit)
+        assert exited.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert "WS_MAX_MESSAGE_SIZE" in error and "BROADCAST_URL" in error
+    else:
+        settings = load([], environ, bus_limit=lambda: limit)
+        assert settings.ws_max_message_size == int(environ["WS_MAX_MESSAGE_SIZE"])
+
+
+def test_this_machine_carries_the_default_message_size() -> None:
+    assert embedded_bus_limit() >= Settings().ws_max_message_size

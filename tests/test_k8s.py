@@ -61,7 +61,9 @@ INTENDED = {
     "base": Intended(namespace=None, workers=2, replicas=None, hpa=(2, 10)),
     "dev": Intended(namespace="tornado-dev", workers=1, replicas=1, hpa=None),
     "prod": Intended(namespace="tornado", workers=2, replicas=None, hpa=(3, 20)),
+    "prod-redis": Intended(namespace="tornado", workers=2, replicas=None, hpa=(3, 20)),
 }
+REDIS_TARGETS = ["prod-redis"]  # the overlays with k8s/components/redis
 OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if p.is_dir())
 TARGETS = ["base", *OVERLAYS]
 SELECTOR = {"app.kubernetes.io/name": "tornado-service", "app.kubernetes.io/component": "server"}
@@ -378,7 +380,7 @@ def test_selectors_and_references_agree(target: str) -> None:
     assert jobs == {"metrics": "tornado", "nginx-metrics": "nginx"}  # what the rules and dashboards use
     pdb = one(docs, "PodDisruptionBudget")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    policy = one(docs, "NetworkPolicy")
+    policy = one(docs, "NetworkPolicy", "tornado-service")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     allowed = {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
     assert allowed == {"http", "metrics", "nginx-metrics"} and allowed <= named_ports
@@ -508,3 +510,62 @@ def test_namespaces_enforce_the_restricted_pod_security_standard(target: str) ->
     namespace = one(documents(target), "Namespace")
     assert namespace["metadata"]["name"] == INTENDED[target].namespace
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# -- the optional Redis of the rooms (k8s/components/redis) ---------------------------------------
+@pytest.mark.parametrize("target", TARGETS)
+def test_redis_only_where_an_overlay_adds_it(target: str) -> None:
+    docs = documents(target)
+    redis = [d for d in docs if d["metadata"]["name"] == k8s.REDIS_NAME]
+    env = {e["name"]: e.get("value") for e in container(target, "service")["env"]}
+    policy = one(docs, "NetworkPolicy", "tornado-service")
+    if target not in REDIS_TARGETS:  # the embedded bus: nothing to run, and still no egress at all
+        assert not redis and "BROADCAST_URL" not in env and not policy["spec"].get("egress")
+        return
+    assert sorted(d["kind"] for d in redis) == ["Deployment", "NetworkPolicy", "Service"]
+    service = one(docs, "Service", k8s.REDIS_NAME)
+    (port,) = service["spec"]["ports"]
+    assert env["BROADCAST_URL"] == f"redis://{k8s.REDIS_NAME}:{port['port']}/0"  # names that Service
+
+
+@pytest.mark.parametrize("target", REDIS_TARGETS)
+def test_redis_is_reachable_by_the_service_pods_only(target: str) -> None:
+    docs = documents(target)
+    pod = one(docs, "Deployment", k8s.REDIS_NAME)["spec"]["template"]
+    service = one(docs, "Service", k8s.REDIS_NAME)
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"  # never exposed outside the cluster
+    guard = one(docs, "NetworkPolicy", k8s.REDIS_NAME)["spec"]
+    assert guard["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert guard["policyTypes"] == ["Ingress", "Egress"] and not guard.get("egress")  # Redis calls no one
+    (rule,) = guard["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": SELECTOR}}]  # the service's pods, this namespace
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    # the service's own policy: out to Redis and to the cluster DNS (to resolve its name), nothing else
+    egress = one(docs, "NetworkPolicy", "tornado-service")["spec"]["egress"]
+    selects = [r["to"][0].get("podSelector", {}).get("matchLabels") for r in egress]
+    to_redis = [r for r, labels in zip(egress, selects, strict=True) if labels == k8s.REDIS_SELECTOR]
+    assert len(to_redis) == 1 and to_redis[0]["ports"] == [{"port": k8s.REDIS_PORT, "protocol": "TCP"}]
+    to_dns = [r for r in egress if r not in to_redis]
+    assert len(to_dns) == 1 and {p["port"] for p in to_dns[0]["ports"]} == {53}
+    assert to_dns[0]["to"][0]["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+
+
+@pytest.mark.parametrize("target", REDIS_TARGETS)
+def test_redis_pod_is_hardened_bounded_and_pinned(target: str) -> None:
+    spec = one(documents(target), "Deployment", k8s.REDIS_NAME)["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["automountServiceAccountToken"] is False
+    (redis,) = pod["containers"]
+    context = redis["securityContext"]
+    assert {k: context.get(k) for k in SECURITY_CONTEXT} == SECURITY_CONTEXT
+    resources = redis["resources"]
+    assert resources["requests"] == resources["limits"] and set(resources["limits"]) == {"cpu", "memory"}
+    assert {"readinessProbe", "livenessProbe"} <= set(redis)
+    name, _, tag = redis["image"].rpartition(":")
+    assert tag and tag != "latest" and "." in name.split("/", 1)[0]  # pinned, from a registry
+    assert "--save" in redis["args"] and "--appendonly" in redis["args"]  # pub/sub only: nothing on disk
+    (data,) = pod["volumes"]
+    assert data["emptyDir"]["medium"] == "Memory"

@@ -12,6 +12,7 @@ on its own against this machine's measured limits.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,27 @@ def test_longpoll_smoke(tmp_path: Path) -> None:
     figures = result["server"]["figures"]
     assert figures["requests_counted"] == polls
     assert 0 < figures["long_polls_peak"] <= 50
+
+
+def test_rooms_smoke_over_redis(tmp_path: Path) -> None:
+    """One room's members over two k6 processes and both workers, Redis as the backplane: every
+    member gets every accepted publish (the two processes' publishers together make R a second)."""
+    redis = tmp_path / "redis-port"
+    with socket.socket() as sock:  # a free port for the stack's redis-server
+        sock.bind(("127.0.0.1", 0))
+        redis.write_text(str(sock.getsockname()[1]))
+    result = run(tmp_path, "rooms", "--n", "200", "--d", "3", "--rate", "200", "--sockets-per-k6", "100",
+                 "--env", "R=10", "--broadcast-url", f"redis://127.0.0.1:{redis.read_text()}/0")
+    assert "redis" in (result["folder"] / "stack.log").read_text()
+    metrics = k6_metrics(result)
+    assert metrics["room_members_opened"]["count"] == 200
+    accepted = metrics["room_publishes_accepted"]["count"]
+    assert accepted >= 10
+    assert result["client"]["rooms"]["loss"] == 0
+    assert metrics["room_messages_received"]["count"] == accepted * 200
+    figures = result["server"]["figures"]
+    assert figures["requests_counted"] == accepted  # every publish counted under api_publish
+    assert figures["websockets_peak"] == 200
 
 
 def test_nonblocking_smoke(tmp_path: Path) -> None:

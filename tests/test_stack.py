@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,20 +18,27 @@ from conftest import ROOT, require_tool
 from proxy import free_port, wait_for_port, wait_for_query
 
 
-def _start(workdir: Path, user: str | None = None) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
+def _start(
+    workdir: Path, user: str | None = None, service_args: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
     ports = {name: free_port() for name in ("service", "http", "tls", "status", "prometheus", "exporter")}
     command = [
         sys.executable, "-m", "deploy.stack", "--dir", str(workdir),
         "--service-port", str(ports["service"]), "--http-port", str(ports["http"]),
         "--tls-port", str(ports["tls"]), "--status-port", str(ports["status"]),
         "--prometheus-port", str(ports["prometheus"]), "--exporter-port", str(ports["exporter"]),
-        "--shutdown-grace", "5", "--", "--workers", "2",
+        "--shutdown-grace", "5", "--", "--workers", "2", *service_args,
     ]
     proc = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        user=user, env={**os.environ, "HOME": str(workdir)},
+        user=user, env=_environment(workdir),
     )
     return proc, ports
+
+
+def _environment(workdir: Path) -> dict[str, str]:
+    """The test's environment without a BROADCAST_URL of its own: the stack runs Redis only when asked."""
+    return {**{k: v for k, v in os.environ.items() if k != "BROADCAST_URL"}, "HOME": str(workdir)}
 
 
 def _stop(proc: subprocess.Popen[bytes], signum: int) -> tuple[int, str, list[int]]:
@@ -69,3 +78,38 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not alive
     assert (tmp_path / "stack" / "tls" / "tls.crt").exists()  # a self-signed pair was made
+
+
+def test_stack_runs_redis_when_broadcast_url_names_a_local_one(tmp_path: Path) -> None:
+    for tool in ("nginx", "prometheus", "openssl", "redis-server"):
+        require_tool(tool)
+    redis_port = free_port()
+    proc, ports = _start(tmp_path / "stack", service_args=("--broadcast-url", f"redis://127.0.0.1:{redis_port}/0"))
+    failure: BaseException | None = None
+    try:
+        for name in ("http", "service"):
+            wait_for_port(ports[name], timeout=30)
+        wait_for_port(redis_port)
+        statuses = []
+        for _ in range(100):  # each worker publishes once its Redis connection is up (503 until then)
+            request = urllib.request.Request(f"http://127.0.0.1:{ports['http']}/api/publish?room=stack",
+                                             data=b'{"data": "hello"}', method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as error:
+                statuses.append(error.code)
+            if statuses[-3:] == [202, 202, 202]:
+                break
+            time.sleep(0.1)
+        assert statuses[-3:] == [202, 202, 202], statuses
+    except BaseException as exc:
+        failure = exc
+    finally:
+        code, output, children = _stop(proc, signal.SIGTERM)
+    if failure is not None:
+        raise AssertionError(f"stack output:\n{output[-4000:]}") from failure
+    assert code == 0, output[-3000:]
+    assert f"redis://127.0.0.1:{redis_port}" in output and '"backplane":"redis"' in output
+    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not alive  # redis-server included

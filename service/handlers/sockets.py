@@ -7,15 +7,30 @@ and a draining worker refuses new upgrades with 503 so clients reconnect elsewhe
 from __future__ import annotations
 
 from asyncio import Future
+from typing import Any
 
-from tornado.iostream import StreamBufferFullError
-from tornado.websocket import WebSocketClosedError, WebSocketHandler
+from tornado.httputil import HTTPHeaders, HTTPServerRequest
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+from tornado.web import Application
+from tornado.websocket import WebSocketClosedError
 
 from service import logs, metrics
 from service.errors import ApiError
+from service.frames import send_frame
 from service.handlers.base import ServiceHandler
+from service.pinger import SETTING as PINGER
+from service.pinger import SocketPinger
+from service.ticker import Tick
+from service.wsguard import GuardedWebSocketHandler
 
 _log = logs.get_logger("service.handlers")
+
+# What Tornado 6.6 sets on a WebSocket handler after its __init__: in `_execute`, in `get`, and
+# when the stream is detached (the methods it disables). See TrackedSocket.__init__.
+LATE_ATTRIBUTES = (
+    "_transforms", "path_args", "path_kwargs", "open_args", "open_kwargs",
+    "write", "redirect", "set_header", "set_cookie", "set_status", "flush", "finish",
+)
 
 
 def _retrieve(future: Future[None]) -> None:
@@ -24,20 +39,86 @@ def _retrieve(future: Future[None]) -> None:
         future.exception()
 
 
-class TrackedSocket(ServiceHandler, WebSocketHandler):
+class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors: service/wsguard.py
+    def __init__(self, application: Application, request: HTTPServerRequest, **kwargs: Any) -> None:
+        """Keeps the handler's attributes in CPython's compact layout, without a dict of its own.
+
+        CPython 3.11 stores an object's attributes in an inline array while every name is in its
+        class's shared key table. The table has room for 30 names, and each new instance takes a
+        free place away (down to one): names must be known early. Tornado sets 12 of a WebSocket
+        handler's names late (LATE_ATTRIBUTES: in `_execute`, `get`, and when it detaches the
+        stream); with handshakes in flight together, many handlers exist before the first gets
+        that far, the table is closed to those names, and every handler gets a real dict, about
+        730 bytes more per socket. Setting and deleting them here registers them while there is
+        room (29 names in all, the most that fits); the handler's state is as if this had not
+        run. tests/test_contracts.py checks that they still fit.
+        """
+        super().__init__(application, request, **kwargs)
+        for name in LATE_ATTRIBUTES:
+            setattr(self, name, None)
+            delattr(self, name)
+
     def prepare(self) -> None:
         super().prepare()
         if self.worker.state.draining:
             raise ApiError(503, "server is shutting down")
 
     def open(self, *args: str, **kwargs: str) -> None:
+        self._release_handshake()
         self.worker.state.websockets.add(self)
         metrics.WEBSOCKETS.labels(self.route).inc()
+
+    def _release_handshake(self) -> None:
+        """Lets go of what only the handshake needed, which a socket otherwise keeps for its life.
+
+        Tornado keeps the upgraded request's handler, and with it everything the handler points
+        to, until the socket closes. Of that, these are done with once the 101 is sent (what each
+        costs per socket: bench/README.md):
+
+        - the request's HTTP/1.1 connection objects (parser, futures, start lines) and the
+          server connection with its finished serving task: the stream belongs to the WebSocket
+          now. The request itself stays, for what log lines read (method, path, peer);
+        - `ui`, the template namespace (Tornado itself drops it when the socket closes);
+        - the 101's response headers, sent and frozen: after the upgrade Tornado refuses
+          `set_header`, `flush` and `finish`. `_headers` is private (tests/test_contracts.py pins
+          it, constraints.txt pins Tornado).
+        """
+        request = self.request
+        request.connection = None
+        request.server_connection = None
+        self.ui = None  # type: ignore[assignment]  # as RequestHandler._break_cycles does at close
+        self._headers = HTTPHeaders()
 
     def on_close(self) -> None:
         if self in self.worker.state.websockets:
             self.worker.state.websockets.discard(self)
             metrics.WEBSOCKETS.labels(self.route).dec()
+        pinger: SocketPinger | None = self.settings.get(PINGER)
+        if pinger is not None:
+            pinger.forget(self)
+
+    def send_ping(self) -> bool:
+        """The worker's pinger (service/pinger.py) pings every socket through this."""
+        try:
+            self.ping()
+        except (WebSocketClosedError, StreamClosedError):
+            return False
+        except StreamBufferFullError:  # not even a ping fits: as slow a consumer as can be
+            self._drop_slow_consumer()
+            return False
+        return True
+
+    def ping_timed_out(self) -> None:
+        """No pong for a whole WS_PING_INTERVAL: closed as Tornado's own ping closes it."""
+        try:
+            self.close(reason="ping timed out")
+        except StreamBufferFullError:  # a peer that reads nothing: not even the close frame fits
+            self._drop_slow_consumer()
+
+    def on_pong(self, data: bytes) -> None:
+        pinger: SocketPinger | None = self.settings.get(PINGER)
+        if pinger is not None:
+            pinger.answered(self)
 
     def send(self, message: str | bytes) -> None:
         try:
@@ -70,12 +151,40 @@ class TickerSocket(TrackedSocket):
 
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
-        self.worker.ticker.subscribe(self.send)
+        connection = self.ws_connection
+        plain = (
+            self.get_compression_options() is None  # Tornado negotiates no permessage-deflate
+            and connection is not None
+            and type(connection.stream) is IOStream  # a plain TCP stream, not TLS
+        )
+        self.worker.ticker.subscribe(self.push_frame if plain else self.push_text)
+
+    def push_frame(self, tick: Tick) -> None:
+        """Sends the tick's prepared frame, the same bytes for every socket (service/frames.py).
+
+        What `write_message` does, minus what is the same for every socket (encoding, framing)
+        and the task it makes per call; `open` picks it only for plain, uncompressed streams.
+        """
+        connection = self.ws_connection
+        if connection is None or connection.stream is None or connection.is_closing():
+            return  # as write_message: nothing after a close frame, nothing on a closed socket
+        try:
+            send_frame(connection.stream, tick.frame)
+        except StreamClosedError:
+            return
+        except StreamBufferFullError:
+            self._drop_slow_consumer()
+
+    def push_text(self, tick: Tick) -> None:
+        """The fallback: Tornado's own `write_message`, which frames (and compresses) per socket."""
+        self.send(tick.text)
 
     def on_message(self, message: str | bytes) -> None:
         """Clients only listen; what they send is counted and otherwise ignored."""
         metrics.WEBSOCKET_MESSAGES.labels(self.route, "in").inc()
 
     def on_close(self) -> None:
-        self.worker.ticker.unsubscribe(self.send)
+        ticker = self.worker.ticker
+        ticker.unsubscribe(self.push_frame)
+        ticker.unsubscribe(self.push_text)
         super().on_close()
