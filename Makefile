@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 ARGS   ?=
 
 # Debian packages: what `make stack` runs, and what the tests talk to (they run the real things).
-STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl
+# Redis joins the stack only when the rooms use it (BROADCAST_URL=redis://127.0.0.1:6379/0 make stack).
+STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl $(if $(BROADCAST_URL),redis-server)
 # Podman builds and runs the images in the tests (deploy/Dockerfile, deploy/compose.yaml);
 # debootstrap makes the stand-in base image, dnsname lets compose services find each other,
 # catatonit is the pause process of `podman kube play` pods.
 CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
-TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk $(CONTAINER_DEBS)
+TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk redis-server $(CONTAINER_DEBS)
 
 .PHONY: run test stack bench shootout load image lint clean
 
@@ -67,22 +68,24 @@ test: lint $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
 
-## bench: instrumentation cost, bare Tornado vs this service side by side (bench/results/)
+## bench: instrumentation cost, then broadcast and per-socket cost, bare Tornado vs this service side by
+## side (bench/results/); BROADCAST_ARGS="--explain" adds what each socket saving is worth
 bench: $(VENV)/.test $(VENV)/.bench
 	@scripts/install-debian.sh wrk
 	$(BIN)/python bench/instrumentation.py $(ARGS)
+	$(BIN)/python bench/broadcast.py $(BROADCAST_ARGS)
 
 ## shootout: broadcast and HTTP shootouts against the peers (loadtests/reports/shootout-*/); ARGS="--help"
 shootout: $(VENV)/.bench $(PEERS_STAMP)
 	@scripts/install-debian.sh wrk
 	$(BIN)/python -m loadtests.shootout $(ARGS)
 
-## load: one load-test scenario and its report (loadtests/reports/); SCENARIO=websockets|longpoll|http|
-## nonblocking|locust, N=, D=, RATE=; URL=http://host:port (and PROMETHEUS=) to load a deployment
+## load: one load-test scenario and its report (loadtests/reports/); SCENARIO=websockets|longpoll|rooms|
+## http|nonblocking|locust, N=, D=, RATE=; URL=http://host:port (and PROMETHEUS=) to load a deployment
 ## instead of starting the local stack; ARGS="--help" for the rest
 SCENARIO ?= websockets
 load: $(VENV)/.load
-	@scripts/install-debian.sh $(STACK_DEBS)
+	@scripts/install-debian.sh $(STACK_DEBS) $(if $(findstring broadcast-url,$(ARGS)),redis-server)
 	$(BIN)/python -m loadtests.run $(SCENARIO) $(if $(N),--n $(N)) $(if $(D),--d $(D)) \
 		$(if $(RATE),--rate $(RATE)) $(if $(URL),--url $(URL)) $(if $(PROMETHEUS),--prometheus $(PROMETHEUS)) $(ARGS)
 

@@ -41,7 +41,7 @@ FIRST_UPSTREAM_SOURCE = 201  # 127.0.0.201...: Nginx's source addresses to the s
 K6_BYTES_PER_SOCKET = 80_000
 
 # Scenarios whose clients each hold one connection for the whole run.
-HELD_SCENARIOS = ("websockets", "longpoll")
+HELD_SCENARIOS = ("websockets", "longpoll", "rooms")
 
 
 @dataclass(frozen=True)

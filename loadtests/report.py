@@ -207,6 +207,34 @@ def compare(
         out.errors = {"ws_connect_failures": count(metrics, "ws_connect_failures"),
                       "ws_unexpected_closes": count(metrics, "ws_unexpected_closes"),
                       "ws_errors": count(metrics, "ws_errors")}
+    elif scenario == "rooms":
+        members = count(metrics, "room_members_opened")
+        accepted = count(metrics, "room_publishes_accepted")
+        refused = count(metrics, "room_publishes_refused")
+        received = count(metrics, "room_messages_received")
+        expected = accepted * members
+        lost = max(0.0, expected - received)
+        out.client["rooms"] = {"members": members, "accepted": accepted, "expected": expected,
+                               "received": received, "loss": lost / expected if expected else 0.0}
+        request_row("publishes", accepted + refused)
+        peak = fig.get("websockets_peak")
+        out.rows.append(Comparison(
+            "members open at once", f"{_n(members)} opened (room_members_opened)",
+            f"{_n(peak)} (peak of tornado_websocket_connections_open)",
+            None if view is None else peak is not None and int(peak) == int(members)))
+        out.rows.append(Comparison("connections per worker, peak", "-", _per_worker(fig.get(
+            "connections_peak_by_worker", {}))))
+        out.rows.append(Comparison(
+            "messages delivered", f"{_n(received)} of {_n(accepted)} x {_n(members)} = {_n(expected)} "
+            f"(loss {lost / expected if expected else 0.0:.2%})",
+            f"{_n(fig.get('slow_consumers_dropped'))} slow consumers dropped"))
+        out.rows.append(Comparison("delivery latency (publish to member)",
+                                   _trend_text(trend(metrics, "room_delivery")), "-"))
+        out.rows.append(Comparison("publish latency", _trend_text(trend(metrics, "http_req_duration")),
+                                   _server_latency(fig, "api_publish")))
+        out.errors = {"room_connect_failures": count(metrics, "room_connect_failures"),
+                      "room_unexpected_closes": count(metrics, "room_unexpected_closes"),
+                      "room_publishes_refused": refused, "messages_lost": lost}
     elif scenario == "longpoll":
         polls = sum(count(metrics, k) for k in ("polls_200", "polls_204", "poll_errors"))
         request_row("polls", polls)

@@ -72,6 +72,9 @@ SCENARIOS = {
                            "N ticker WebSockets opened at RATE/s, all held D s"),
     "longpoll": Scenario("longpoll", "api_poll", 1000, 30, 500,
                          "N long-poll clients started at RATE/s, polling D s after the last started"),
+    "rooms": Scenario("rooms", "api_publish", 1000, 20, 500,
+                      "N members of one chat room opened at RATE/s, then R publishes/s (--env R=, default "
+                      "10) for D s; delivery latency and loss"),
     "http": Scenario("http", "api_hello|api_sleep", 0, 30, 500,
                      "/api/hello and /api/sleep ramped to RATE requests/s over D s"),
     "nonblocking": Scenario("nonblocking", "api_sleep|api_compute", 50, 10, 0,
@@ -220,6 +223,10 @@ class Run:
             service += ["--forwarded-allow-ips", f"127.0.0.1,::1,{plan.nginx_upstream_sources}"]
         if self.args.reuse_port:
             service.append("--reuse-port")
+        if self.scenario.name == "rooms":  # the load's publisher is one client: no per-client rate limit
+            service += ["--room-publish-rate", "0"]
+        if self.args.broadcast_url:  # a loopback redis:// also makes the stack start redis-server
+            service += ["--broadcast-url", self.args.broadcast_url]
         command = [
             sys.executable, "-m", "deploy.stack", "--dir", str(self.stack_dir),
             "--service-port", str(ports["service"]), "--http-port", str(ports["http"]),
@@ -276,7 +283,11 @@ class Run:
         commands = []
         for i, process in enumerate(plan.k6):
             process_env = {**env, "K6_NO_USAGE_REPORT": "true", "BASE_URL": self.base_url}
-            if self.scenario.name in HELD_SCENARIOS:
+            if self.scenario.name == "rooms":  # every process publishes its share of R to the one room
+                publishes = float(env.get("R", "10")) / len(plan.k6)
+                process_env.update(N=str(process.clients), OPEN_RATE=f"{process.rate:g}",
+                                   D=f"{self.args.d:g}", VUS=str(process.vus), R=f"{publishes:g}")
+            elif self.scenario.name in HELD_SCENARIOS:
                 process_env.update(N=str(process.clients), RATE=f"{process.rate:g}", D=f"{self.args.d:g}",
                                    VUS=str(process.vus))
             name = f"k6-summary-{i + 1}.json" if len(plan.k6) > 1 else "k6-summary.json"
@@ -318,6 +329,9 @@ class Run:
 
     def expected_seconds(self) -> float:
         a = self.args
+        if self.scenario.name == "rooms":  # rooms.js: the ramp, WARMUP_S, publishing D s, DRAIN_S
+            ramp = math.ceil(a.n / a.rate + float(a.env.get("WARMUP_S", 2)))
+            return ramp + a.d + float(a.env.get("DRAIN_S", 5))
         if self.scenario.name in HELD_SCENARIOS:
             return a.n / a.rate + a.d
         if self.scenario.name == "nonblocking":
@@ -446,6 +460,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tick-interval", type=float, default=1.0, help="local stack: service's ticks, s")
     parser.add_argument("--nice", type=int, default=10,
                         help="local stack: the load generator's niceness (0: same priority as the server)")
+    parser.add_argument("--broadcast-url", default="",
+                        help="local stack: the service's BROADCAST_URL (rooms; redis://127.0.0.1:PORT/0 "
+                             "starts a redis-server)")
     parser.add_argument("--locust-workers", type=int, default=0, help="locust: master and this many workers")
     parser.add_argument("--timeout", type=float, help="most seconds the load runs (1.5x expected + 90)")
     parser.add_argument("--reports", type=Path, default=REPORTS, help="folder of the report folders")
@@ -455,7 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.n = args.n if args.n is not None else scenario.n
     args.d = args.d if args.d is not None else scenario.d
     args.rate = args.rate if args.rate is not None else scenario.rate
-    if args.scenario == "websockets" or args.scenario == "longpoll":
+    if args.scenario in HELD_SCENARIOS:
         args.rate = args.rate or 1.0
     args.env = dict(item.partition("=")[::2] for item in args.env)
     if args.prometheus and not args.url:
