@@ -69,11 +69,13 @@ test: lint $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
 ## bench: instrumentation cost, then broadcast and per-socket cost, bare Tornado vs this service side by
-## side (bench/results/); BROADCAST_ARGS="--explain" adds what each socket saving is worth
+## side, then /api/hello through Nginx vs direct and 1 vs 2 workers (bench/results/);
+## BROADCAST_ARGS="--explain" adds what each socket saving is worth
 bench: $(VENV)/.test $(VENV)/.bench
-	@scripts/install-debian.sh wrk
+	@scripts/install-debian.sh wrk nginx openssl
 	$(BIN)/python bench/instrumentation.py $(ARGS)
 	$(BIN)/python bench/broadcast.py $(BROADCAST_ARGS)
+	$(BIN)/python bench/scaling.py $(SCALING_ARGS)
 
 ## shootout: broadcast and HTTP shootouts against the peers (loadtests/reports/shootout-*/); ARGS="--help"
 shootout: $(VENV)/.bench $(PEERS_STAMP)

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from service.handlers.base import ServiceHandler
 
 
+# What a client chooses (path, User-Agent) is logged up to this many characters: a line must stay
+# under PIPE_BUF (4,096 bytes) to be written whole when two workers write to one pipe at once.
+MAX_LOGGED = 512
+
+
 def request_observer(enabled: bool, sample: float, **fields: object) -> Callable[[RequestHandler], None]:
     """Tornado's log_function for one worker; `fields` (worker, pid) go on every access line."""
     write = logs.access_writer()
@@ -66,14 +71,14 @@ def request_observer(enabled: bool, sample: float, **fields: object) -> Callable
             "logger": "access",
             **fields,
             "method": method,
-            "path": request.path,
+            "path": request.path[:MAX_LOGGED],  # the same object when short: no copy
             "handler": route,
             "status": status,
             "duration_ms": round(duration * 1000.0, 3),
             "bytes": handler.response_bytes,
             "request_id": handler.request_id,
             "client_ip": request.remote_ip,
-            "user_agent": agents[0] if len(agents) == 1 else ",".join(agents),
+            "user_agent": (agents[0] if len(agents) == 1 else ",".join(agents))[:MAX_LOGGED],
             "event": "request",
             "level": level,
             "timestamp": now(utc),

@@ -57,6 +57,19 @@ def _request_id(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+MAX_STRING = 1024  # characters of any one string field; see _cap_strings
+
+
+def _cap_strings(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    """Cut any string field past MAX_STRING characters. A line over PIPE_BUF can be split by
+    another worker's write to the same pipe, and what a client sent ends up in some lines
+    (Tornado's "Malformed HTTP message" quotes it): a 60 kB header broke 24 of 300 lines."""
+    for key, value in event.items():
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            event[key] = value[:MAX_STRING] + f"... ({len(value) - MAX_STRING} more characters)"
+    return event
+
+
 def _logger_name(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     """Name the logger on every line, ours and Tornado's alike (`tornado.general`, `access`...)."""
     record = event.get("_record")
@@ -136,6 +149,13 @@ def flush() -> None:
     sys.stdout.flush()
 
 
+# Tracebacks as data, without each frame's local variables: those may hold secrets (a token, a
+# password in a settings object) and make a line far longer than PIPE_BUF.
+_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     """Set up structlog and the stdlib bridge; called once per process (safe to repeat)."""
     numeric = _LEVELS[level]
@@ -146,11 +166,12 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _logger_name,
+        _cap_strings,
     ]
     renderer: Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
-        final: list[Processor] = [structlog.processors.dict_tracebacks, renderer]
+        final: list[Processor] = [_TRACEBACKS, renderer]
         logger_factory: Any = _BATCHER.factory
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
@@ -167,7 +188,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
 
     stdlib_final: list[Processor] = [
         structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-        structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+        _TRACEBACKS if fmt == "json" else structlog.processors.format_exc_info,
         structlog.processors.JSONRenderer(serializer=lambda e, **_: orjson.dumps(e, default=repr).decode())
         if fmt == "json"
         else renderer,

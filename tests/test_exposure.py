@@ -183,6 +183,8 @@ def test_a_forced_500_shows_no_traceback(start_service: Start, tmp_path: Path) -
         assert leak not in body
     error = svc.wait_for(lambda e: e.get("event") == "uncaught exception" and e["request_id"] == "forced-500")
     assert error["level"] == "error" and error["exception"][0]["exc_type"] == "RuntimeError"
+    frames = [frame for exc in error["exception"] for frame in exc["frames"]]
+    assert frames and not any("locals" in frame for frame in frames)  # no variables (secrets) logged
     assert svc.request("/api/hello")[0] == 200
     assert svc.live_workers() == workers
     assert not svc.bad_lines

@@ -304,12 +304,6 @@ def test_a_long_id_is_cut_by_the_head_limit(
     assert_unharmed(service, workers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/access.py logs User-Agent and path unbounded, and Tornado's 'Malformed HTTP message' "
-    "lines quote what was sent: a line over PIPE_BUF can interleave with another worker's on the "
-    "shared stdout pipe (seen: 24 broken lines of 300 with 60 kB User-Agents on two workers). "
-    "Fix: cap logged client strings (e.g. 512 characters) in logs.py/access.py; then drop this marker."
-))
 def test_no_log_line_is_longer_than_pipe_buf(service: ServiceProcess, workers: dict[int, int]) -> None:
     """Lines up to PIPE_BUF are written whole (service/logs.py); longer ones from two workers can mix."""
     mark = len(service.events)
