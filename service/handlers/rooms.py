@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import orjson
 from tornado.httputil import HTTPServerRequest
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.web import Application
 
 from service import metrics
@@ -81,40 +80,12 @@ class ChatSocket(RoomArgs, TrackedSocket):
 
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
-        connection = self.ws_connection
-        plain = (
-            self.get_compression_options() is None  # Tornado negotiates no permessage-deflate
-            and connection is not None
-            and type(connection.stream) is IOStream  # a plain TCP stream, not TLS
-        )
         assert self.seat is not None
-        self.broadcast.join(self.seat.room, self.push_frame if plain else self.push_text)
+        push = self.push_frame if self.takes_prepared_frames() else self.push_text
+        self.broadcast.join(self.seat.room, push)
 
     def push_frame(self, message: RoomMessage) -> None:
-        """The message's prepared frame (the same bytes for every member) onto this socket's stream.
-
-        Exactly what the ticker's `TickerSocket.push_frame` does with a tick's frame (its
-        docstring says why): one send(2) while nothing is queued, else the stream's own `write`,
-        which keeps the order and enforces MAX_WRITE_BUFFER, the bound of a slow subscriber's queue.
-        """
-        connection = self.ws_connection
-        if connection is None or connection.stream is None or connection.is_closing():
-            return
-        stream, frame = connection.stream, message.frame
-        if not stream.writing():
-            try:
-                sent = stream.socket.send(frame)
-            except OSError:  # EAGAIN, or the peer is gone: the stream's write deals with both
-                sent = 0
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        try:
-            stream.write(frame)
-        except StreamClosedError:
-            return
-        except StreamBufferFullError:
-            self._drop_slow_consumer()
+        self.send_prepared(message.frame)
 
     def push_text(self, message: RoomMessage) -> None:
         """The fallback: Tornado's own `write_message`, which frames (and compresses) per socket."""

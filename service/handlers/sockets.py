@@ -130,6 +130,33 @@ class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors
             return
         future.add_done_callback(_retrieve)
 
+    def takes_prepared_frames(self) -> bool:
+        """Whether `send_prepared` may be used: a plain TCP stream (not TLS) on which Tornado
+        negotiated no permessage-deflate (a compressed socket's frames depend on its own state)."""
+        connection = self.ws_connection
+        return (
+            self.get_compression_options() is None
+            and connection is not None
+            and type(connection.stream) is IOStream
+        )
+
+    def send_prepared(self, frame: bytes) -> None:
+        """Sends a prepared frame, the same bytes for every socket of a broadcast (service/frames.py).
+
+        What `write_message` does, minus what is the same for every socket (encoding, framing)
+        and the task it makes per call; only where `takes_prepared_frames` said yes. A full
+        queue (MAX_WRITE_BUFFER, the bound of a slow consumer's backlog) drops the consumer.
+        """
+        connection = self.ws_connection
+        if connection is None or connection.stream is None or connection.is_closing():
+            return  # as write_message: nothing after a close frame, nothing on a closed socket
+        try:
+            send_frame(connection.stream, frame)
+        except StreamClosedError:
+            return
+        except StreamBufferFullError:
+            self._drop_slow_consumer()
+
     def _drop_slow_consumer(self) -> None:
         """Its queue is full, so not even a close frame fits: drop the connection itself."""
         metrics.WEBSOCKET_SLOW.labels(self.route).inc()
@@ -151,29 +178,10 @@ class TickerSocket(TrackedSocket):
 
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
-        connection = self.ws_connection
-        plain = (
-            self.get_compression_options() is None  # Tornado negotiates no permessage-deflate
-            and connection is not None
-            and type(connection.stream) is IOStream  # a plain TCP stream, not TLS
-        )
-        self.worker.ticker.subscribe(self.push_frame if plain else self.push_text)
+        self.worker.ticker.subscribe(self.push_frame if self.takes_prepared_frames() else self.push_text)
 
     def push_frame(self, tick: Tick) -> None:
-        """Sends the tick's prepared frame, the same bytes for every socket (service/frames.py).
-
-        What `write_message` does, minus what is the same for every socket (encoding, framing)
-        and the task it makes per call; `open` picks it only for plain, uncompressed streams.
-        """
-        connection = self.ws_connection
-        if connection is None or connection.stream is None or connection.is_closing():
-            return  # as write_message: nothing after a close frame, nothing on a closed socket
-        try:
-            send_frame(connection.stream, tick.frame)
-        except StreamClosedError:
-            return
-        except StreamBufferFullError:
-            self._drop_slow_consumer()
+        self.send_prepared(tick.frame)
 
     def push_text(self, tick: Tick) -> None:
         """The fallback: Tornado's own `write_message`, which frames (and compresses) per socket."""
