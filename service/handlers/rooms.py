@@ -18,7 +18,6 @@ A room name that is not 1-64 characters of [A-Za-z0-9_.-] is a 400, before any u
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any, NamedTuple
 
@@ -176,16 +175,4 @@ class RoomPollHandler(RoomArgs, PollHandler):
         room = self.room_arg()
         timeout = self.seconds_arg("timeout", 0.0, POLL_MAX_SECONDS, POLL_DEFAULT_SECONDS)
         broadcast = self.broadcast
-        event: str | None = None
-        if not self.worker.state.draining:
-            self._waiter = broadcast.next_message(room)
-            try:
-                event = await asyncio.wait_for(self._waiter, timeout)
-            except TimeoutError:
-                event = None
-        if event is None:
-            self.set_status(204)
-            self.finish()
-        else:
-            self.set_header("Content-Type", "application/json")
-            self.finish(event)
+        await self.answer_next(lambda: broadcast.next_message(room), timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from service import metrics
 from service.handlers.base import BaseHandler
@@ -54,18 +55,27 @@ class PollHandler(BaseHandler):
 
     async def get(self) -> None:
         timeout = self.seconds_arg("timeout", 0.0, POLL_MAX_SECONDS, POLL_DEFAULT_SECONDS)
+        await self.answer_next(self.worker.ticker.next_event, timeout, counted=True)
+
+    async def answer_next(
+        self, next_event: Callable[[], asyncio.Future[str | None]], timeout: float, counted: bool = False,
+    ) -> None:
+        """Waits for `next_event()` (a JSON text, or None when the worker drains) at most `timeout`
+        seconds and answers it, or 204; `counted`: in the long-polls-waiting gauge meanwhile."""
         worker = self.worker
         event: str | None = None
         if not worker.state.draining:
-            self._waiter = worker.ticker.next_event()
-            waiting = metrics.LONG_POLLS.labels(worker.state.worker_id_header)
-            waiting.inc()
+            self._waiter = next_event()
+            waiting = metrics.LONG_POLLS.labels(worker.state.worker_id_header) if counted else None
+            if waiting is not None:
+                waiting.inc()
             try:
                 event = await asyncio.wait_for(self._waiter, timeout)
             except TimeoutError:
                 event = None
             finally:
-                waiting.dec()
+                if waiting is not None:
+                    waiting.dec()
         if event is None:
             self.set_status(204)
             self.finish()
