@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
+
+from instrumentation import free_port, wrk  # noqa: E402  (bench/ is this script's own folder)
 
 from deploy.stack import nginx_command, render_nginx, self_signed  # noqa: E402
 
@@ -62,12 +63,6 @@ RATIOS = (  # (what, numerator, denominator)
     ("Nginx / direct, 1 worker", "through Nginx, 1 worker", "direct, 1 worker"),
     ("Nginx / direct, 2 workers", "through Nginx, 2 workers", "direct, 2 workers"),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
@@ -129,22 +124,6 @@ def stack(variant: Variant, work: Path) -> Iterator[str]:
             _stop(proc, sig)
 
 
-def wrk(url: str, seconds: float, connections: int) -> dict[str, float]:
-    out = subprocess.run(  # wrk takes whole seconds
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", url],
-        capture_output=True, text=True, check=True, timeout=seconds + 30,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    return {
-        "rps": rps,
-        "p99_ms": float(p99.group(1)) * scale[p99.group(2)] if p99 else float("nan"),
-        "non_2xx": float(errors.group(1)) if errors else 0.0,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             for variant in VARIANTS if round_no % 2 else VARIANTS[::-1]:
                 with stack(variant, Path(tmp)) as url:
                     if args.warmup > 0:
-                        wrk(url + args.path, args.warmup, args.connections)
-                    result = wrk(url + args.path, args.seconds, args.connections)
+                        wrk(url + args.path, args.warmup, args.connections, {})
+                    result = wrk(url + args.path, args.seconds, args.connections, {})
                 runs[variant.name].append(result)
                 print(f"round {round_no} {variant.name:26s} {result['rps']:9.0f} req/s  "
                       f"p99 {result['p99_ms']:7.2f} ms  non-2xx {result['non_2xx']:.0f}", flush=True)
