@@ -21,7 +21,7 @@
 // to another worker.)
 import http from 'k6/http';
 import { Counter, Trend } from 'k6/metrics';
-import { BASE_URL, envNumber } from './lib.js';
+import { BASE_URL, envNumber, shareOf } from './lib.js';
 
 const POLL_TIMEOUT = envNumber('POLL_TIMEOUT', 30);
 const URL = `${BASE_URL}${__ENV.POLL_PATH || '/api/poll'}?timeout=${POLL_TIMEOUT}`;
@@ -59,10 +59,6 @@ const clientsStarted = new Counter('poll_clients_started');
 const ticksReceived = new Counter('ticks_received');
 const tickLatency = new Trend('tick_latency', true);
 
-function share(vu) {
-  const base = Math.floor(N / VUS);
-  return base + ((vu - 1) % VUS < N % VUS ? 1 : 0);
-}
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
@@ -99,7 +95,7 @@ async function client(startDelayMs, stopAt) {
 }
 
 export default async function () {
-  const mine = share(__VU);
+  const mine = shareOf(N, VUS, __VU);
   const start = Date.now();
   const stopAt = start + STOP_AT_S * 1000;
   const clients = [];

@@ -31,7 +31,7 @@
 import http from 'k6/http';
 import { Counter, Trend } from 'k6/metrics';
 import { WebSocket } from 'k6/experimental/websockets';
-import { BASE_URL, envNumber } from './lib.js';
+import { BASE_URL, envNumber, holdSockets, shareOf } from './lib.js';
 
 const ROOM = __ENV.ROOM || 'load.room';
 const WS_URL = `${BASE_URL.replace(/^http/, 'ws')}/ws/chat?room=${ROOM}`;
@@ -92,10 +92,6 @@ const refused = new Counter('room_publishes_refused');
 
 let pendingReceived = 0; // handed to k6 once a second, not per message (as websockets.js does)
 
-function share(vu) {
-  const base = Math.floor(N / VUS);
-  return base + ((vu - 1) % VUS < N % VUS ? 1 : 0);
-}
 
 function openMember(sockets) {
   const measured = sockets.length % LATENCY_EVERY === 0;
@@ -145,29 +141,8 @@ function flush() {
 }
 
 export function members() {
-  const mine = share(__VU);
-  const perSecond = mine / RAMP_S;
-  const sockets = [];
-  const start = Date.now();
-  const opener = setInterval(() => {
-    const due = Math.min(mine, Math.floor(((Date.now() - start) / 1000) * perSecond) + 1);
-    while (sockets.length < due) openMember(sockets);
-    if (sockets.length >= mine) clearInterval(opener);
-  }, Math.max(10, Math.min(100, 1000 / perSecond)));
-  const flusher = setInterval(flush, 1000);
-  setTimeout(() => {
-    clearInterval(opener);
-    clearInterval(flusher);
-    flush();
-    for (const state of sockets) {
-      if (state.done) continue;
-      if (!state.open) connectFailures.add(1);
-      state.closing = true;
-      state.done = true;
-      state.ws.close();
-    }
-    if (sockets.length < mine) connectFailures.add(mine - sockets.length);
-  }, CLOSE_AT_S * 1000);
+  const mine = shareOf(N, VUS, __VU);
+  holdSockets(mine, RAMP_S, CLOSE_AT_S, openMember, flush, connectFailures);
 }
 
 export function publish() {

@@ -38,7 +38,7 @@
 import { Counter, Trend } from 'k6/metrics';
 import { WebSocket } from 'k6/experimental/websockets';
 import exec from 'k6/execution';
-import { BASE_URL, envNumber } from './lib.js';
+import { BASE_URL, envNumber, holdSockets, shareOf } from './lib.js';
 
 const WS_URL = BASE_URL.replace(/^http/, 'ws') + (__ENV.WS_PATH || '/ws/ticker');
 const N = Math.max(1, Math.floor(envNumber('N', 100)));
@@ -100,11 +100,6 @@ function flushCounts() {
 
 const CLOSE_CODE = /close (\d{4})/;
 
-// The share of the N sockets this VU opens: N split as evenly as VUS allows.
-function share(vu) {
-  const base = Math.floor(N / VUS);
-  return base + ((vu - 1) % VUS < N % VUS ? 1 : 0);
-}
 
 function openSocket(sockets) {
   const measured = sockets.length % LATENCY_EVERY === 0;
@@ -169,28 +164,6 @@ function openSocket(sockets) {
 
 export default function () {
   heldFrom = exec.scenario.startTime + (RAMP_S + HOLD_MARGIN_S) * 1000;
-  const mine = share(__VU);
-  const perSecond = mine / RAMP_S;
-  const sockets = [];
-  const start = Date.now();
-  const opener = setInterval(() => {
-    const due = Math.min(mine, Math.floor(((Date.now() - start) / 1000) * perSecond) + 1);
-    while (sockets.length < due) openSocket(sockets);
-    if (sockets.length >= mine) clearInterval(opener);
-  }, Math.max(10, Math.min(100, 1000 / perSecond)));
-  const flusher = setInterval(flushCounts, 1000);
-  setTimeout(() => {
-    clearInterval(opener);
-    clearInterval(flusher);
-    flushCounts();
-    for (const state of sockets) {
-      if (state.done) continue;
-      if (!state.open) connectFailures.add(1); // still not open when the hold ended: it failed too
-      state.closing = true;
-      state.done = true;
-      state.ws.close();
-    }
-    // Sockets never even started (the VU's timers fell that far behind) count as failures as well.
-    if (sockets.length < mine) connectFailures.add(mine - sockets.length);
-  }, CLOSE_AT_S * 1000);
+  const mine = shareOf(N, VUS, __VU);
+  holdSockets(mine, RAMP_S, CLOSE_AT_S, openSocket, flushCounts, connectFailures);
 }
