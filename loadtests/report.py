@@ -177,13 +177,15 @@ def compare(
         out.rows.append(Comparison(label, f"{_n(sent)} requests answered",
                                    f"{_n(requests_counted)} (increase of http_requests_total)", ok))
 
-    if scenario == "websockets":
-        opened = count(metrics, "ws_sockets_opened")
+    def open_row(label: str, opened: float, what: str) -> None:
+        """Sockets the client opened against the peak of the server's WebSocket gauge."""
         peak = fig.get("websockets_peak")
         out.rows.append(Comparison(
-            "WebSockets open at once", f"{_n(opened)} opened (ws_sockets_opened)",
-            f"{_n(peak)} (peak of tornado_websocket_connections_open)",
+            label, f"{_n(opened)} {what}", f"{_n(peak)} (peak of tornado_websocket_connections_open)",
             None if view is None else peak is not None and int(peak) == int(opened)))
+
+    if scenario == "websockets":
+        open_row("WebSockets open at once", count(metrics, "ws_sockets_opened"), "opened (ws_sockets_opened)")
         out.rows.append(Comparison("connections per worker, peak", "-", _per_worker(fig.get(
             "connections_peak_by_worker", {}))))
         out.rows.append(Comparison("connect time", _trend_text(trend(metrics, "ws_connect_time")), "-"))
@@ -217,11 +219,7 @@ def compare(
         out.client["rooms"] = {"members": members, "accepted": accepted, "expected": expected,
                                "received": received, "loss": lost / expected if expected else 0.0}
         request_row("publishes", accepted + refused)
-        peak = fig.get("websockets_peak")
-        out.rows.append(Comparison(
-            "members open at once", f"{_n(members)} opened (room_members_opened)",
-            f"{_n(peak)} (peak of tornado_websocket_connections_open)",
-            None if view is None else peak is not None and int(peak) == int(members)))
+        open_row("members open at once", members, "opened (room_members_opened)")
         out.rows.append(Comparison("connections per worker, peak", "-", _per_worker(fig.get(
             "connections_peak_by_worker", {}))))
         out.rows.append(Comparison(
@@ -296,12 +294,7 @@ def compare(
     elif scenario == "locust":
         totals = client.get("locust", {})
         request_row("HTTP requests", totals.get("http_requests", 0))
-        peak = fig.get("websockets_peak")
-        connects = totals.get("ws_connects", 0)
-        out.rows.append(Comparison(
-            "WebSockets open at once", f"{_n(connects)} connected (WS connect)",
-            f"{_n(peak)} (peak of tornado_websocket_connections_open)",
-            None if view is None else peak is not None and int(peak) == int(connects)))
+        open_row("WebSockets open at once", totals.get("ws_connects", 0), "connected (WS connect)")
         for key, entry in sorted(totals.get("entries", {}).items()):
             percentiles = " / ".join(str(entry.get(k, "-")) for k in ("p50", "p95", "p99"))
             route = {"GET /api/hello": "api_hello", "GET /api/sleep": "api_sleep"}.get(key, "")
