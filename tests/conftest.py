@@ -156,6 +156,16 @@ class ServiceProcess:
         return status, json.loads(body) if body else None
 
 
+def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `check()` came true within `timeout` seconds (polled every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def http_request(
     port: int, path: str, method: str = "GET", body: bytes | None = None, timeout: float = 10.0,
     headers: dict[str, str] | None = None, source: str | None = None,

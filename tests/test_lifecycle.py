@@ -13,7 +13,7 @@ from collections.abc import Callable
 import psutil
 import pytest
 import wsclient
-from conftest import ServiceProcess, require_tool
+from conftest import ServiceProcess, require_tool, wait_until
 
 Start = Callable[..., ServiceProcess]
 
@@ -25,15 +25,6 @@ def _gone(pids: list[int], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def _eventually(check: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _refused(port: int) -> bool:
@@ -106,7 +97,7 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: S
     time.sleep(0.5)  # the request is in flight
     svc.signal(signal.SIGTERM)
     svc.wait_for(lambda e: e.get("event") == "shutting down")
-    assert _eventually(lambda: _refused(svc.port), 3), "new connections must be refused while draining"
+    assert wait_until(lambda: _refused(svc.port), 3), "new connections must be refused while draining"
     assert svc.wait(10) == 0  # 0: within the grace (its running out means SIGKILLed workers and 1)
     thread.join(5)
     status, body = result[0]  # type: ignore[misc]

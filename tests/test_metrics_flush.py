@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import ServiceProcess
+from conftest import ServiceProcess, wait_until
 from metrics_client import Scrape, scrape
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
@@ -31,15 +31,6 @@ def in_files(directory: Path) -> Scrape:
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(directory))
     return Scrape(generate_latest(registry).decode(), worker="")
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def hello_on_one_connection(svc: ServiceProcess, n: int) -> int:
