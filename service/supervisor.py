@@ -10,8 +10,8 @@
    others and exit 1);
 4. on SIGTERM or SIGINT, leave `fork_processes` (the signal handler raises `StopRequested`, the
    only thing it does) and **stop**: close the parent's copy of the listener, send each worker one
-   SIGTERM, reap them until SHUTDOWN_GRACE runs out, SIGKILL what is left. A second signal during
-   the stop kills the workers at once.
+   SIGTERM, reap them until SHUTDOWN_GRACE runs out, SIGKILL what is left. A second SIGINT during
+   the stop (Ctrl-C pressed again) kills the workers at once; a repeated SIGTERM does not.
 
 Whichever way a worker's death is learned (Tornado's report from inside `fork_processes`, or our
 own reaping during the stop), `worker_died` is the one place that acts on it: the log line,
@@ -160,6 +160,9 @@ class Supervisor:
         children = _children()
         _signal(list(children), signal.SIGTERM)
         self._reap_until(deadline, children)
+        if self.signals is not None and self.signals.extra_sigterms:
+            _log.info("SIGTERM repeated during the drain: drained all the same",
+                      repeats=self.signals.extra_sigterms)
         if self._second_signal():
             _log.warning("second signal: stopping workers at once")
             return self._kill_remaining(children)
@@ -208,12 +211,21 @@ class StopSignals:
     Raising from a handler is how the parent gets out of `os.wait()` inside fork_processes;
     raising only once is what keeps the stop itself from being interrupted by a second signal,
     which `Supervisor.stop` reads from `repeated` instead.
+
+    Only a repeated SIGINT means "stop at once": that is a person pressing Ctrl-C again. SIGTERM
+    is what process managers send, and one stop of theirs may deliver it more than once: after a
+    SIGTERM to the process group of `make run`, make forwards its own SIGTERM to its child; a
+    systemd stop signals every process of the unit; a script may signal the group and the PID.
+    Taking those as "at once" would cut the very requests the drain exists for. A repeated
+    SIGTERM is counted (`extra_sigterms`) and the drain goes on; a manager's forced stop is
+    SIGKILL, after its own timeout.
     """
 
     def __init__(self, supervisor_pid: int) -> None:
         self.supervisor_pid = supervisor_pid
         self.stopping = False
         self.repeated = False
+        self.extra_sigterms = 0
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -224,7 +236,10 @@ class StopSignals:
             os.kill(os.getpid(), signum)
             return
         if self.stopping:
-            self.repeated = True
+            if signum == signal.SIGINT:
+                self.repeated = True
+            else:
+                self.extra_sigterms += 1
             return
         self.stopping = True
         raise StopRequested(signum)

@@ -46,7 +46,7 @@ class ServiceProcess:
     # -- process ---------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> ServiceProcess:
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "service", *self.args],
+            self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=subprocess.PIPE,
@@ -61,6 +61,10 @@ class ServiceProcess:
         self.wait_for(lambda _: len({e["worker"] for e in self.named("worker started")}) >= self.workers,
                       timeout)
         return self
+
+    def command(self) -> list[str]:
+        """How the service is started (a test of another start method, `make run`, overrides it)."""
+        return [*self.prefix, sys.executable, "-m", "service", *self.args]
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

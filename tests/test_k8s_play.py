@@ -15,7 +15,8 @@ while the pod's Nginx and network stay up; then Nginx gets its image's STOPSIGNA
 graceful quit; containerd and CRI-O honour it too); then `kube down`. Not `podman pod stop`,
 which stops the infra container (the network, and the answers on their way back) at the same
 time; and not concurrent `podman stop`s of the containers, after which podman 4.3 signalled the
-service a second time, which it takes as "stop at once" (issue 13 looks at second signals).
+service a second time (a repeated SIGTERM no longer cuts the drain, but the order above is still
+the kubelet's).
 """
 
 from __future__ import annotations

@@ -165,14 +165,16 @@ def test_process_group_signal_drains_once(start_service: Start) -> None:
     assert not svc.named("worker died, restarting")
 
 
-def test_second_signal_stops_at_once(start_service: Start) -> None:
+def test_second_ctrl_c_stops_at_once(start_service: Start) -> None:
+    """SIGINT again during the drain: a person wants out. (A repeated SIGTERM keeps draining:
+    tests/test_stop_methods.py.)"""
     svc = start_service("--shutdown-grace", "60")
     workers = svc.tree()
     _in_background(lambda: svc.request("/api/sleep?ms=30000", timeout=40))
     time.sleep(0.3)
-    svc.signal(signal.SIGTERM)
+    svc.signal(signal.SIGINT)
     svc.wait_for(lambda e: e.get("event") == "shutting down")
-    svc.signal(signal.SIGTERM)
+    svc.signal(signal.SIGINT)
     assert svc.wait(10) == 1  # at once: the request in flight had 30 s to go, the grace 60 s
     assert _gone(workers, 2)
     assert svc.wait_for(lambda e: e.get("event") == "second signal: stopping workers at once")

@@ -90,6 +90,8 @@ const delivery = new Trend('room_delivery', true);
 const accepted = new Counter('room_publishes_accepted');
 const refused = new Counter('room_publishes_refused');
 
+// What every room message starts with (service/rooms.py: orjson keeps the keys in this order).
+const MESSAGE_PREFIX = '{"type":"message",';
 let pendingReceived = 0; // handed to k6 once a second, not per message (as websockets.js does)
 
 
@@ -107,6 +109,10 @@ function openMember(sockets) {
     opened.add(1);
   };
   ws.onmessage = (event) => {
+    if (!measured) {  // counted without a JSON.parse: less of k6's CPU per message
+      if (typeof event.data === 'string' && event.data.startsWith(MESSAGE_PREFIX)) pendingReceived += 1;
+      return;
+    }
     let message;
     try {
       message = JSON.parse(event.data);
@@ -115,10 +121,8 @@ function openMember(sockets) {
     }
     if (!message || message.type !== 'message' || typeof message.ts !== 'number') return;
     pendingReceived += 1;
-    if (measured) {
-      const at = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
-      delivery.add(at - message.ts * 1000);
-    }
+    const at = typeof event.timestamp === 'number' ? event.timestamp : Date.now();
+    delivery.add(at - message.ts * 1000);
   };
   ws.onerror = () => {
     if (!state.closing && !state.open && !state.done) {
