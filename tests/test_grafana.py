@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import wsclient
-from conftest import ROOT, ServiceProcess, require_tool
+from conftest import ROOT, ServiceProcess, http_request, require_tool
 from proxy import Nginx, Prometheus, free_port, wait_for_port
 
 from deploy.grafana import dashboards
@@ -45,6 +45,8 @@ RULES = ROOT / "deploy" / "prometheus" / "rules"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SCRAPE_INTERVAL = 1.0
 HANDLERS = ("api_hello", "not_found", "api_sleep", "api_compute")  # what the load below asks for
+ROOM = "chat.lobby"  # of room class "chat" (the service below lists it in ROOM_CLASSES)
+MEMBERS = 8  # room members held open, on both workers
 
 # Grafana's built-in interval variables as Grafana computes them for this Prometheus (its
 # datasource's timeInterval set to the scrape interval, as provisioning does for the stack) on a
@@ -217,11 +219,15 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 
 
 class HeldWebSockets(threading.Thread):
-    """WebSockets opened in a loop of their own, held open until `close()`."""
+    """WebSockets opened in a loop of their own, held open until `close()`: tickers, an echo, and
+    members of ROOM on every worker (REUSE_PORT spreads them; more are opened, a bounded number,
+    until each worker has one: X-Worker-Id says where each landed)."""
 
-    def __init__(self, port: int, tickers: int, echoes: int) -> None:
+    def __init__(self, port: int, tickers: int, echoes: int, members: int = 0, workers: int = 2) -> None:
         super().__init__(daemon=True)
         self.port, self.tickers, self.echoes = port, tickers, echoes
+        self.members, self.workers = members, workers
+        self.member_workers: set[int] = set()
         self.ready = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -242,6 +248,13 @@ class HeldWebSockets(threading.Thread):
         for i in range(self.echoes):
             await echo.write_message(f"message {i}")
             assert await asyncio.wait_for(echo.read_message(), 10) == f"message {i}"
+        opened = 0
+        while self.members and (opened < self.members or len(self.member_workers) < self.workers):
+            assert opened < 4 * self.members, f"room members landed on workers {self.member_workers} only"
+            member = await wsclient.connect(f"{url}/ws/chat?room={ROOM}")
+            conns.append(member)
+            self.member_workers.add(int(member.headers["X-Worker-Id"]))
+            opened += 1
         self.ready.set()
         while not self.done.is_set():
             await asyncio.sleep(0.05)
@@ -302,12 +315,20 @@ def http_load(port: int, paths: list[str], clients: int = 3) -> None:
     assert not failures, failures[:5]
 
 
+def publish(port: int, data: str) -> int:
+    """POST /api/publish to ROOM; the status."""
+    body = json.dumps({"data": data}).encode()
+    return http_request(port, f"/api/publish?room={ROOM}", "POST", body, 20.0)[0]
+
+
 @pytest.mark.timeout(90)
 def test_every_panel_query_returns_data_from_a_real_prometheus(start_service: Start, tmp_path: Path) -> None:
     rule_files = sorted(RULES.glob("*.yml"))
     assert rule_files, f"no rule files in {RULES}: the dashboard reads recording rules"
-    # A long tick interval keeps the long poll waiting for the whole test.
-    svc = start_service("--tick-interval", "300")
+    # A long tick interval keeps the long poll waiting for the whole test. REUSE_PORT spreads the
+    # room members over both workers; a low publish rate makes a burst of publishes cheap.
+    svc = start_service("--tick-interval", "300", "--reuse-port", "--room-classes", "chat",
+                        "--room-publish-rate", "1", "--room-publish-burst", "5")
     (tmp_path / "nginx").mkdir()
     nginx = Nginx(tmp_path / "nginx", svc.port).start()
     poll: http.client.HTTPConnection | None = None
@@ -343,9 +364,21 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(start_service: St
                          20, after=seen)
 
             # Load through Nginx: WebSockets held open, a long poll in flight, then plain requests.
-            sockets = HeldWebSockets(nginx.http_port, tickers=2, echoes=20)
+            sockets = HeldWebSockets(nginx.http_port, tickers=2, echoes=20, members=MEMBERS)
             sockets.start()
             assert sockets.ready.wait(20) and sockets.error is None, sockets.error
+            assert sockets.member_workers == {0, 1}
+
+            # Rooms: with members on both workers every publish crosses the embedded backplane, and
+            # the other worker's fan-out is timed. The published and delivered counters appear with
+            # the first publish: Prometheus must see it as their baseline before the rest.
+            assert publish(nginx.http_port, "warm-up") == 202
+            prometheus.wait_for('tornado_room_messages_published_total{room_class="chat"}')
+            prometheus.wait_for('tornado_room_messages_delivered_total{room_class="chat"}')
+            for i in range(3):  # 4 publishes in all fit ROOM_PUBLISH_BURST, whichever worker takes them
+                assert publish(nginx.http_port, f"message {i}") == 202
+            # Faster than ROOM_PUBLISH_RATE past the burst: 429s, counted as rate_limited refusals.
+            assert 429 in {publish(nginx.http_port, "too fast") for _ in range(20)}
             poll = http.client.HTTPConnection("127.0.0.1", nginx.http_port, timeout=30)
             poll.request("GET", "/api/poll?timeout=120")  # the answer is never read: it stays in flight
             http_load(nginx.http_port, ["/api/hello"] * 300 + ["/no/such/page"] * 30
@@ -356,6 +389,10 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(start_service: St
             prometheus.wait_for('handler_code:http_requests:rate1m{handler="not_found", code="404"} > 0')
             prometheus.wait_for("sum(tornado_long_polls_waiting) >= 1")
             prometheus.wait_for("sum(tornado_websocket_connections_open) >= 3")
+            prometheus.wait_for(f"sum(tornado_room_members) >= {MEMBERS}")
+            prometheus.wait_for("sum(rate(tornado_room_messages_delivered_total[20s])) > 0")
+            prometheus.wait_for("sum(backplane_le:tornado_backplane_latency_seconds_bucket:rate5m) > 0")
+            prometheus.wait_for('tornado_room_publishes_rejected_total{reason="rate_limited"}')
             # The compute blocks its worker for most of a second: whatever the 250 ms timer's phase,
             # it fires well over 100 ms late.
             prometheus.wait_for("max(worker:tornado_event_loop_lag_seconds:p99_5m) > 0.1")
@@ -382,6 +419,9 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(start_service: St
     def legends(title: str) -> set[str]:
         return {json.dumps(series["metric"], sort_keys=True) for series in results[title][0]}
 
+    def total(title: str) -> float:
+        return sum(float(series["value"][1]) for series in results[title][0])
+
     assert value("Requests/s") > 0
     assert value("Long polls waiting") >= 1
     assert value("Open WebSockets") >= 3
@@ -394,6 +434,18 @@ def test_every_panel_query_returns_data_from_a_real_prometheus(start_service: St
     assert results["Version"][0][0]["metric"]["version"] == __version__
     assert any('"code": "404"' in s and '"not_found"' in s for s in legends("Requests/s by handler and code"))
     assert any("TornadoWorkerRestarted" in s for s in legends("Firing alerts"))
+    assert legends("Room messages published/s") == {'{"room_class": "chat"}'}
+    assert legends("Room messages delivered/s") == {'{"room_class": "chat"}'}
+    assert any('"reason": "rate_limited"' in s for s in legends("Room publishes rejected/s"))
+    for target in range(3):  # p50, p95, p99: a number, not NaN (there were fan-outs to time)
+        (latency,) = results["Backplane latency p50/p95/p99"][target]
+        assert latency["metric"] == {"backplane": "embedded"} and math.isfinite(float(latency["value"][1]))
+    backplanes = {(s["metric"]["worker"], s["metric"]["backplane"], s["value"][1])
+                  for s in results["Backplane up per worker"][0]}
+    assert backplanes == {("0", "embedded", "1"), ("1", "embedded", "1")}
+    assert total("Room members per worker") >= MEMBERS
+    assert total("Rooms active per worker") == 2  # the one room, on each worker
+    assert total("Slow room subscribers dropped/s") == 0  # the flat 0 until a first drop
 
 
 def run_every_query(api: Api, started: float) -> dict[str, list[list[dict[str, Any]]]]:

@@ -5,8 +5,9 @@ then loaded into a real Prometheus, whose rules API is what this module reads th
 same parser production uses, and no YAML library needed): each alert must carry a severity, a
 summary, a templated description and a runbook anchor that README.md really has. Last, the
 rules run against the real service: every recording rule yields series with `job` and
-`instance`, and a SIGKILLed worker raises TornadoWorkerRestarted (which needs the restart
-counter to exist at 0 before the first restart).
+`instance`, the backplane series carry the labels the backplane alerts group by, and a SIGKILLed
+worker raises TornadoWorkerRestarted (which needs the restart counter to exist at 0 before the
+first restart).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ RECORDING_RULES = {
     "handler:http_request_duration_seconds:p99_5m",
     "job:http_request_duration_seconds:p99_5m",
     "worker:tornado_event_loop_lag_seconds:p99_5m",
+    "backplane_le:tornado_backplane_latency_seconds_bucket:rate5m",
+    "backplane:tornado_backplane_latency_seconds:p95_5m",
 }
 
 Start = Callable[..., ServiceProcess]
@@ -184,6 +187,13 @@ def test_rules_hold_over_the_real_service_and_a_restart_alerts(
             name, result)
     lag = prometheus.wait_for("worker:tornado_event_loop_lag_seconds:p99_5m")
     assert sorted(s["metric"]["worker"] for s in lag) == ["0", "1"]
+    # The backplane alerts' labels: a gauge per worker and backplane, buckets per backplane (at 0
+    # from each worker's start, so a quiet bus has a rate of 0, not no series).
+    up = prometheus.wait_for("tornado_backplane_up")
+    assert sorted((s["metric"]["worker"], s["metric"]["backplane"], s["value"][1]) for s in up) == [
+        ("0", "embedded", "1"), ("1", "embedded", "1")]
+    buckets = prometheus.wait_for('backplane_le:tornado_backplane_latency_seconds_bucket:rate5m{le="+Inf"}')
+    assert [s["metric"]["backplane"] for s in buckets] == ["embedded"]
     ratio = prometheus.wait_for('handler:http_requests_errors:ratio_rate5m{handler="api_hello"}')
     assert float(ratio[0]["value"][1]) == 0  # traffic and no 5xx: 0, not "no data"
 

@@ -316,6 +316,74 @@ def tornado_service() -> Dashboard:
                  "short", queries((f"sum by (instance, worker) (tornado_long_polls_waiting{{{SEL}}})",
                                    per_worker)), width=6)
 
+    # -- rooms and their backplane ------------------------------------------------------------------
+    p.row("Rooms and backplane")
+    no_room_counter = f"or on (instance) (sum by (instance) (tornado_workers_alive{{{SEL}}}) * 0)"
+    p.timeseries("Room messages published/s",
+                 "Messages published to rooms per second, by room class (ROOM_CLASSES, every other room "
+                 "`other`): WebSocket messages and POST /api/publish, each counted once, by the worker "
+                 "that took it.", "short",
+                 queries((f"sum by (room_class) (rate(tornado_room_messages_published_total{{{SEL}}}"
+                          "[$__rate_interval]))", "{{room_class}}")), width=8)
+    p.timeseries("Room messages delivered/s",
+                 "Room messages handed to members per second, by room class: one per WebSocket or long "
+                 "poll reached, on every worker, so about published/s times the room's members.", "short",
+                 queries((f"sum by (room_class) (rate(tornado_room_messages_delivered_total{{{SEL}}}"
+                          "[$__rate_interval]))", "{{room_class}}")), width=8)
+    p.timeseries("Room publishes rejected/s",
+                 "Publishes refused, by reason: backplane_down and backplane_full answer 503 (alert "
+                 "TornadoRoomPublishesRejected when they last), rate_limited 429 or close 4029, "
+                 "too_large 413. The counter appears at the first refusal: until then a flat 0 per "
+                 "instance.", "short",
+                 queries((f"sum by (instance, room_class, reason) (rate(tornado_room_publishes_rejected_total"
+                          f"{{{SEL}}}[$__rate_interval])) {no_room_counter}",
+                          "{{instance}} {{room_class}} {{reason}}")),
+                 width=8, steps=[(None, "green"), (0.01, "red")])
+    p.timeseries("Backplane latency p50/p95/p99",
+                 "From a message's publish to the end of its fan-out in a worker that got it over the "
+                 "backplane (5m rate of the buckets, the chosen instances together), by backplane "
+                 "(embedded or redis). Across machines only as good as their clocks. The target is a "
+                 "p95 under 500 ms; alert TornadoHighBackplaneLatency: an instance's p95 above 500 ms "
+                 "for 5 minutes. No messages between workers: no value.", "s",
+                 queries(*[(f"histogram_quantile(0.{q}, sum by (backplane, le) "
+                            f"(backplane_le:tornado_backplane_latency_seconds_bucket:rate5m{{{SEL}}}))",
+                            f"p{q} {{{{backplane}}}}") for q in ("50", "95", "99")]),
+                 width=8, steps=[(None, "green"), (0.25, "orange"), (0.5, "red")])
+    p.timeseries("Backplane up per worker",
+                 "1 while the worker's backplane takes publishes, 0 while it is down: its publishes get "
+                 "a 503 and its members get nothing until it reconnects (alert TornadoBackplaneDown: 0 "
+                 "for 2 minutes). The embedded bus is up for as long as its worker runs.", "short",
+                 queries((f"max by (instance, worker, backplane) (tornado_backplane_up{{{SEL}}})",
+                          "{{instance}} worker {{worker}} {{backplane}}")),
+                 width=8, steps=[(None, "red"), (1, "green")])
+    p.timeseries("Backplane records dropped/s",
+                 "Records a backplane could not carry between workers, by reason: peer_down (a worker "
+                 "being restarted), queue_full (a worker too slow to read), too_large, disconnected "
+                 "(Redis lost with records queued), shutdown, malformed (not this service's). Members "
+                 "of other workers missed those messages (alert TornadoBackplaneRecordsDropped for "
+                 "queue_full, too_large, malformed). A flat 0 per instance until the first drop.",
+                 "short",
+                 queries((f"sum by (instance, backplane, reason) (rate(tornado_backplane_dropped_total"
+                          f"{{{SEL}}}[$__rate_interval])) {no_room_counter}",
+                          "{{instance}} {{backplane}} {{reason}}")),
+                 width=8, steps=[(None, "green"), (0.01, "red")])
+    p.timeseries("Slow room subscribers dropped/s",
+                 "Room WebSockets disconnected because their reader fell MAX_WRITE_BUFFER behind, by room "
+                 "class (they are in Slow WebSocket consumers dropped too). A flat 0 per instance until "
+                 "the first drop.", "short",
+                 queries((f"sum by (instance, room_class) (rate(tornado_room_slow_subscribers_dropped_total"
+                          f"{{{SEL}}}[$__rate_interval])) {no_room_counter}",
+                          "{{instance}} {{room_class}}")),
+                 width=8, steps=[(None, "green"), (0.01, "red")])
+    p.timeseries("Rooms active per worker",
+                 "Rooms with at least one member in the worker (sampled every second). A room with "
+                 "members on several workers counts once on each.", "short",
+                 queries((f"sum by (instance, worker) (tornado_rooms_active{{{SEL}}})", per_worker)), width=8)
+    p.timeseries("Room members per worker",
+                 "Room members in the worker: WebSockets on /ws/chat and long polls waiting on a room "
+                 "(sampled every second).", "short",
+                 queries((f"sum by (instance, worker) (tornado_room_members{{{SEL}}})", per_worker)), width=8)
+
     # -- workers: utilisation, saturation, errors ---------------------------------------------------
     p.row("Workers (USE)")
     p.timeseries("CPU per worker",
