@@ -36,6 +36,7 @@ class Images:
     nginx: str = "localhost/tornado-nginx:test"
     prometheus: str = "localhost/standin-prometheus:test"
     nginx_exporter: str = "localhost/standin-nginx-exporter:test"
+    redis: str = "localhost/standin-redis:test"
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -68,6 +69,7 @@ def build_all() -> Images:
           BASE_IMAGE=STANDIN_BASE, PYTHON_IMAGE=STANDIN_BASE)
     build(images.prometheus, HERE / "prometheus.Dockerfile", HERE, BASE_IMAGE=STANDIN_BASE)
     build(images.nginx_exporter, HERE / "nginx-exporter.Dockerfile", HERE, BASE_IMAGE=STANDIN_BASE)
+    build(images.redis, HERE / "redis.Dockerfile", HERE, BASE_IMAGE=STANDIN_BASE)
     return images
 
 

@@ -10,6 +10,7 @@ service, Nginx, the exporter and Prometheus, which scrapes the service inside th
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -235,18 +236,45 @@ def test_compose_prometheus_scrapes_the_service_inside_the_network(stack: dict[s
     assert rules, "Prometheus loaded no rule groups from deploy/prometheus/rules"
 
 
-def test_compose_down_leaves_nothing_running(images: Images) -> None:
-    """A stack of its own, so this holds whatever order the tests run in."""
+def test_compose_redis_profile_carries_rooms_and_down_leaves_nothing(images: Images) -> None:
+    """A stack of its own, so this holds whatever order the tests run in: the `redis` profile
+    with BROADCAST_URL set (README "Running Redis"), a room message through Nginx over Redis,
+    then `down` removes every container of the project, the profile's Redis included."""
     project = f"tornadodown{free_port()}"
     env = {**dict(PODMAN_ENV), "SERVICE_IMAGE": images.service, "NGINX_IMAGE": images.nginx,
            "PROMETHEUS_IMAGE": images.prometheus, "NGINX_EXPORTER_IMAGE": images.nginx_exporter,
+           "REDIS_IMAGE": images.redis, "BROADCAST_URL": "redis://redis:6379/0",
            "HTTP_PORT": str(free_port()), "HTTPS_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port())}
-    base = [*compose_command(), "-f", str(COMPOSE_FILE), "-p", project]
+    base = [*compose_command(), "-f", str(COMPOSE_FILE), "-p", project, "--profile", "redis"]
     try:
         up = subprocess.run([*base, "up", "-d", "--no-build"], env=env, capture_output=True, text=True,
                             timeout=300, stdin=subprocess.DEVNULL)
         assert up.returncode == 0, up.stderr[-3000:]
-        wait_http(f"http://127.0.0.1:{env['HTTP_PORT']}/api/hello", timeout=60)
+        http = env["HTTP_PORT"]
+        wait_http(f"http://127.0.0.1:{http}/api/hello", timeout=60)
+        assert f"{project}_redis_1" in podman("ps", "--format", "{{.Names}}").stdout
+        redis_up = 'min(tornado_backplane_up{backplane="redis"}) == 1'  # every worker connected
+        wait_for_query(int(env["PROMETHEUS_PORT"]), redis_up, timeout=90)
+
+        async def room_message() -> dict[str, Any]:
+            member = await wsclient.connect(f"ws://127.0.0.1:{http}/ws/chat?room=compose.redis")
+            await asyncio.sleep(0.5)  # the 101 reaches the client before the server's open() joins
+            status = subprocess.run(
+                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H",
+                 "Content-Type: application/json", "--data", '{"data": "over redis"}',
+                 f"http://127.0.0.1:{http}/api/publish?room=compose.redis"],
+                capture_output=True, text=True, timeout=30,
+            ).stdout
+            assert status == "202", status
+            message = await asyncio.wait_for(member.read_message(), 15)
+            member.close()
+            assert isinstance(message, str)
+            result: dict[str, Any] = json.loads(message)
+            return result
+
+        message = wsclient.run(room_message())
+        assert (message["type"], message["room"]) == ("message", "compose.redis")
+        assert message["data"] == "over redis"
         down = subprocess.run([*base, "down", "-v", "-t", "25"], env=env, capture_output=True, text=True,
                               timeout=300, stdin=subprocess.DEVNULL)
         assert down.returncode == 0, down.stderr[-3000:]
