@@ -167,9 +167,17 @@ class Stack:
         self.workdir = workdir
         self.grace = grace
         self.stopping = 0
+        self.interrupts = 0
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Any signal stops the stack; only a repeated Ctrl-C (SIGINT) cuts the drain short.
+
+        A SIGTERM may come twice for one stop: `kill -TERM -PGID` of `make stack` reaches this
+        process, and make forwards one more (as for `make run`, see service/supervisor.py).
+        """
         self.stopping += 1
+        if signum == signal.SIGINT:
+            self.interrupts += 1
 
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
@@ -194,13 +202,13 @@ class Stack:
         return code
 
     def stop(self) -> None:
-        """SIGTERM to everyone (the service drains), SIGKILL after the grace or a second signal."""
-        asked = self.stopping
+        """SIGTERM to everyone (the service drains), SIGKILL after the grace or a second Ctrl-C."""
+        asked = self.interrupts
         for component in self.components:
             component.signal(component.stop_signal)
         deadline = time.monotonic() + self.grace + 5
         while any(c.running() for c in self.components):
-            if time.monotonic() > deadline or self.stopping > max(asked, 1):
+            if time.monotonic() > deadline or self.interrupts > max(asked, 1):
                 for component in self.components:
                     component.signal(signal.SIGKILL)
             time.sleep(0.1)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -113,3 +114,36 @@ def test_stack_runs_redis_when_broadcast_url_names_a_local_one(tmp_path: Path) -
     assert f"redis://127.0.0.1:{redis_port}" in output and '"backplane":"redis"' in output
     alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not alive  # redis-server included
+
+
+def test_stack_stopped_twice_by_sigterm_still_drains(tmp_path: Path) -> None:
+    """`kill -TERM -PGID` of `make stack`: the stack gets the group's SIGTERM and make's forward.
+    Only a second Ctrl-C kills; a request in flight through Nginx is answered."""
+    for tool in ("nginx", "prometheus", "openssl"):
+        require_tool(tool)
+    proc, ports = _start(tmp_path / "stack")
+    answers: list[object] = []
+    try:
+        for name in ("http", "service"):
+            wait_for_port(ports[name], timeout=30)
+        url = f"http://127.0.0.1:{ports['http']}/api/sleep?ms=2500"
+
+        def slow() -> None:
+            try:
+                with urllib.request.urlopen(url, timeout=20) as response:
+                    answers.append(response.status)
+            except Exception as exc:
+                answers.append(exc)
+
+        thread = threading.Thread(target=slow, daemon=True)
+        thread.start()
+        time.sleep(0.8)  # through Nginx and into the service's sleep
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+    finally:
+        code, output, children = _stop(proc, signal.SIGTERM)
+    thread.join(15)
+    assert answers == [200], output[-3000:]
+    assert code == 0 and '"event":"shutdown complete"' in output
+    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not alive
