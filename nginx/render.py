@@ -31,6 +31,15 @@ DEFAULTS: dict[str, str] = {
     "CLIENT_MAX_BODY_SIZE": "1048576",  # bytes; keep equal to the service's MAX_BODY_SIZE
     "PROXY_READ_TIMEOUT": "60s",  # plain requests (the service's /api/sleep is at most 60 s)
     "LONG_READ_TIMEOUT": "330s",  # WebSockets and long polls (a long poll lasts at most 300 s)
+    # Slow clients (see the template): the whole request head within this of the accept (TLS
+    # handshake included; a byte at a time does not reset it). A client sends its head in one or
+    # two round trips; 10 s covers a slow mobile link many times over, and is what a slowloris
+    # connection holds a slot for (Nginx's default: 60 s).
+    "CLIENT_HEADER_TIMEOUT": "10s",
+    # Longest silence between two reads of a body (Nginx has no timer for a whole body). A
+    # lossy link stalls an upload for TCP's retransmission backoff, 1+2+4+8 = 15 s after four
+    # losses in a row; 30 s lets that upload live, and is the service's own BODY_TIMEOUT figure.
+    "CLIENT_BODY_TIMEOUT": "30s",
     "WORKER_PROCESSES": "auto",  # auto: one per core of the machine (not of a container's CPU limit)
     "WORKER_CONNECTIONS": "10000",  # at most half of WORKER_RLIMIT_NOFILE (see the template)
     "WORKER_RLIMIT_NOFILE": "20000",  # at most the hard open-files limit (ulimit -Hn)
@@ -47,7 +56,12 @@ DEFAULTS: dict[str, str] = {
     # that many WebSockets or long polls at once each extra address adds another range.
     "UPSTREAM_SOURCE_ADDRESSES": "",
 }
-UPSTREAM_REPEAT = 2  # why: see the comment on `upstream tornado` in the template
+UPSTREAM_REPEAT = 8  # why: see the comment on `upstream tornado` in the template
+# Nginx's time syntax: a number and a unit (ms, s, m, h, d, w, M, y; none: seconds), or several
+# run together (1m30s: a space would make two arguments of the directive).
+_TIME_PART = re.compile(r"(\d+)(ms|[smhdwMy]?)")
+_TIME_UNITS_MS = {"ms": 1, "": 1000, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000,
+                  "w": 7 * 86_400_000, "M": 30 * 86_400_000, "y": 365 * 86_400_000}
 
 
 def upstream_servers(upstream: str) -> str:
@@ -82,6 +96,21 @@ def upstream_bind_directives(sources: str) -> str:
     return "\n".join(lines)
 
 
+def duration_ms(value: str) -> int:
+    """An Nginx time (`10s`, `500ms`, `1m30s`, a bare number is seconds) in milliseconds;
+    ValueError for what is none (Nginx would refuse to start), or zero (a timeout that fires at once)."""
+    text, total, at = value.strip(), 0, 0
+    while at < len(text):
+        part = _TIME_PART.match(text, at)
+        if part is None or part.end() == at:
+            raise ValueError(f"{value!r} is not an Nginx time (e.g. 10s, 500ms, 1m30s)")
+        total += int(part.group(1)) * _TIME_UNITS_MS[part.group(2)]
+        at = part.end()
+    if total <= 0:
+        raise ValueError(f"{value!r} is not an Nginx time above zero (e.g. 10s, 500ms, 1m30s)")
+    return total
+
+
 def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
     unknown = set(overrides) - set(DEFAULTS)
     if unknown:
@@ -89,6 +118,11 @@ def values(overrides: Mapping[str, str], environ: Mapping[str, str]) -> dict[str
     merged = {
         name: overrides.get(name, environ.get(f"NGINX_{name}", default)) for name, default in DEFAULTS.items()
     }
+    for name in [name for name in DEFAULTS if name.endswith("_TIMEOUT")]:  # here, not when Nginx starts
+        try:
+            duration_ms(merged[name])
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
     merged["UPSTREAM_SERVERS"] = upstream_servers(merged["UPSTREAM"])
     merged["REAL_IP_DIRECTIVES"] = real_ip_directives(merged["REAL_IP_FROM"])
     merged["UPSTREAM_BIND_DIRECTIVES"] = upstream_bind_directives(merged["UPSTREAM_SOURCE_ADDRESSES"])

@@ -19,6 +19,8 @@ from conftest import ServiceProcess, http_request, require_tool
 from proxy import Nginx, Prometheus
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
+from nginx import render
+
 Start = Callable[..., ServiceProcess]
 StartProxy = Callable[..., Nginx]
 
@@ -51,6 +53,20 @@ def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
     yield start
     for proxy in started:
         proxy.stop()
+
+
+def test_timeouts_are_checked_when_rendered() -> None:
+    """Every *_TIMEOUT is an Nginx time above zero, refused at render time rather than when Nginx starts."""
+    assert [render.duration_ms(t) for t in ("10s", "500ms", "1m30s", "60", "2h")] == [
+        10_000, 500, 90_000, 60_000, 7_200_000,
+    ]
+    for name in ("CLIENT_HEADER_TIMEOUT", "CLIENT_BODY_TIMEOUT", "PROXY_READ_TIMEOUT", "LONG_READ_TIMEOUT"):
+        for bad in ("", "0s", "ten", "1.5s", "10 s", "1m 30s", "-1s"):
+            with pytest.raises(ValueError, match=name):
+                render.values({name: bad}, {})
+    text = render.render(render.TEMPLATE.read_text(), render.values({}, {}))
+    assert "client_header_timeout 10s;" in text and "client_body_timeout 30s;" in text
+    assert "proxy_request_buffering on;" in text  # slow bodies stay in Nginx (tests/test_slow_clients.py)
 
 
 def test_rendered_config_passes_nginx_t(nginx: Nginx) -> None:
