@@ -50,6 +50,7 @@ class Settings:
     ws_max_message_size: int = 64 * 1024
     ws_ping_interval: float = 20.0
     max_connections: int = 10_000
+    memory_shed_at: float = 0.9
     max_write_buffer: int = 4 * 1024 * 1024
     max_restarts: int = 100
     forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -340,6 +341,13 @@ OPTIONS: tuple[_Option, ...] = (
         "MAX_CONNECTIONS",
         _int_in(1, 1_000_000),
         "open connections per worker beyond which new ones get a 503 and are closed",
+    ),
+    _Option(
+        "memory_shed_at",
+        "MEMORY_SHED_AT",
+        _fraction,
+        "fraction of the cgroup's memory limit (working set: usage less inactive file cache) at which a "
+        "worker takes no more connections than it holds: new ones get a 503 (0: never; no limit: off)",
     ),
     _Option(
         "max_write_buffer",

@@ -67,6 +67,11 @@ MAX_CONNECTIONS = Gauge(  # the cap, so an alert can say how close to it a worke
 CONNECTIONS_REFUSED = Counter(
     "tornado_connections_refused_total", "Connections refused with 503 at MAX_CONNECTIONS", ["worker"]
 )
+# Not a `reason` label of the counter above: its alert, runbook and dashboards speak of MAX_CONNECTIONS.
+CONNECTIONS_REFUSED_MEMORY = Counter(
+    "tornado_connections_refused_memory_total",
+    "Connections refused with 503 while the cgroup's memory was over MEMORY_SHED_AT", ["worker"],
+)
 WEBSOCKETS = Gauge(
     "tornado_websocket_connections_open", "Open WebSocket connections", ["handler"],
     multiprocess_mode="livesum",
@@ -102,6 +107,22 @@ WORKER_FDS = Gauge(
 )
 WORKER_MAX_FDS = Gauge(  # the other half of the ratio an alert watches: open / limit
     "tornado_worker_max_fds", "Open-files soft limit (RLIMIT_NOFILE) of the worker process",
+    ["worker"], multiprocess_mode="livemax",
+)
+
+# -- memory shedding (service.memguard), sampled every second by each worker that has a limit -----
+MEMORY_USED = Gauge(
+    "tornado_memory_working_set_bytes",
+    "Working set (usage less inactive file cache) of the fullest memory-limited cgroup of the worker",
+    ["worker"], multiprocess_mode="livemax",
+)
+MEMORY_LIMIT = Gauge(
+    "tornado_memory_limit_bytes", "Memory limit of that cgroup (what the OOM killer enforces)",
+    ["worker"], multiprocess_mode="livemax",
+)
+MEMORY_SHEDDING = Gauge(
+    "tornado_memory_shedding",
+    "1 while the worker takes no more connections than it held when memory reached MEMORY_SHED_AT",
     ["worker"], multiprocess_mode="livemax",
 )
 

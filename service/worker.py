@@ -29,7 +29,7 @@ import psutil
 import uvloop
 from tornado.ioloop import PeriodicCallback
 
-from service import gcpolicy, logs, metrics
+from service import gcpolicy, logs, memguard, metrics
 from service.app import ServiceApp, count_chat_sent, count_ticks_sent
 from service.broadcast import Broadcast, build_broadcast
 from service.config import Settings
@@ -106,6 +106,7 @@ async def _serve(
     context = WorkerContext(state, ticker, metrics.renderer(metrics_path), broadcast)
     # Request counts are kept in plain Python and flushed into the metric files (service.metrics)
     flusher = metrics.Flusher(metrics.HTTP_TOTALS, worker_id, flush_board)
+    guard = memguard.MemoryGuard(settings.memory_shed_at, label)  # the cgroup's memory limit, if any
     server = LimitedHTTPServer(
         ServiceApp(settings, context, **{metrics.FLUSHER_SETTING: flusher}),
         trust_forwarded=TrustedProxies(settings.forwarded_allow_ips),
@@ -116,6 +117,8 @@ async def _serve(
         max_connections=settings.max_connections,
         max_write_buffer=settings.max_write_buffer,
         on_refuse=metrics.CONNECTIONS_REFUSED.labels(label).inc,
+        on_shed=guard.count_refusal,
+        on_accept=guard.count_accept if guard.enabled else None,
         identity={"X-Worker-Id": state.worker_id_header, "X-Worker-PID": state.pid_header},
     )
     server.add_sockets(sockets)
@@ -147,6 +150,7 @@ async def _serve(
     flusher.start()
     ticker.start()
     broadcast.start()  # never waits for Redis: publishes get 503 until it is there
+    guard.start(server)  # once a second: over MEMORY_SHED_AT, no more connections than open then
     metrics.WORKERS_ALIVE.labels(label).set(1)
     metrics.MAX_CONNECTIONS.labels(label).set(settings.max_connections)  # as fitted to the fd limit
     housekeeping()
@@ -157,6 +161,7 @@ async def _serve(
     await drain(server, state, ticker, settings, reason[0], flusher, broadcast)
     await broadcast.stop()
     housekeeper.stop()
+    guard.stop()
     lag.stop()
     flusher.stop()  # the last counts, before the exit; no scrape waits for this worker after it
     # Drained: a late SIGTERM (say, the whole process group signalled as well as the supervisor's

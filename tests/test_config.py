@@ -65,6 +65,10 @@ def test_defaults_with_no_flags_and_an_empty_environment() -> None:
         ({"ROOM_PUBLISH_BURST": "1"}, "room_publish_burst", 1),
         ({"ROOM_CLASSES": "chat, feed,chat"}, "room_classes", ("chat", "feed")),
         ({"ROOM_CLASSES": ""}, "room_classes", ()),
+        ({}, "memory_shed_at", 0.9),
+        ({"MEMORY_SHED_AT": "0.8"}, "memory_shed_at", 0.8),
+        ({"MEMORY_SHED_AT": "0"}, "memory_shed_at", 0.0),
+        ({"MEMORY_SHED_AT": "1"}, "memory_shed_at", 1.0),
     ],
 )
 def test_environment_values_are_parsed(environ: dict[str, str], field: str, expected: Any) -> None:
@@ -82,6 +86,7 @@ def test_environment_values_are_parsed(environ: dict[str, str], field: str, expe
         (["--reuse-port"], {"REUSE_PORT": "false"}, "reuse_port", True),
         (["--no-reuse-port"], {"REUSE_PORT": "true"}, "reuse_port", False),
         (["--port", "9001"], {"PORT": "not-a-port"}, "port", 9001),  # the overridden variable is not read
+        (["--memory-shed-at", "0.75"], {"MEMORY_SHED_AT": "0.5"}, "memory_shed_at", 0.75),
     ],
 )
 def test_a_flag_wins_over_its_variable(
@@ -128,6 +133,11 @@ def test_a_flag_wins_over_its_variable(
         ([], {"ROOM_PUBLISH_BURST": "0"}, "ROOM_PUBLISH_BURST", "--room-publish-burst"),
         ([], {"ROOM_CLASSES": "chat,bad.class"}, "ROOM_CLASSES", "--room-classes"),
         ([], {"ROOM_CLASSES": ",".join(f"c{i}" for i in range(33))}, "ROOM_CLASSES", "--room-classes"),
+        ([], {"MEMORY_SHED_AT": "1.5"}, "MEMORY_SHED_AT", "--memory-shed-at"),
+        ([], {"MEMORY_SHED_AT": "-0.1"}, "MEMORY_SHED_AT", "--memory-shed-at"),
+        ([], {"MEMORY_SHED_AT": "nan"}, "MEMORY_SHED_AT", "--memory-shed-at"),
+        ([], {"MEMORY_SHED_AT": "90%"}, "MEMORY_SHED_AT", "--memory-shed-at"),
+        (["--memory-shed-at", "ninety"], {}, "MEMORY_SHED_AT", "--memory-shed-at"),
     ],
 )
 def test_invalid_values_exit_2_naming_the_setting(

@@ -358,3 +358,17 @@ def test_ticker_handlers_keep_attributes_inline_and_let_go_of_the_handshake() ->
         assert not spilled, f"attributes in a dict: {sorted(spilled[0])}"
         assert handler.request.connection is None and handler.request.server_connection is None
         assert handler.ui is None and not list(handler._headers.get_all())
+
+
+def test_tornado_tcpserver_keeps_the_maps_pausing_acceptor_fills() -> None:
+    """service.server.LimitedHTTPServer.add_sockets fills TCPServer's `_sockets` and `_handlers`
+    (fd -> socket, fd -> a callable that removes the accept handler) in place of Tornado's own
+    `add_accept_handler`; `TCPServer.stop` reads both. Pinned here: if Tornado renames them, the
+    drain would leave listeners open."""
+    import tornado.tcpserver
+
+    add = inspect.getsource(tornado.tcpserver.TCPServer.add_sockets)
+    stop = inspect.getsource(tornado.tcpserver.TCPServer.stop)
+    assert "self._sockets[sock.fileno()] = sock" in add
+    assert "self._handlers[sock.fileno()] = add_accept_handler(" in add
+    assert "self._handlers.pop(fd)()" in stop and "sock.close()" in stop

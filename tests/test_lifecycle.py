@@ -219,6 +219,24 @@ def test_connections_beyond_the_cap_are_refused_cleanly(start_service: Start) ->
     assert svc.request("/")[0] == 200  # the closed ones no longer count
 
 
+def test_probes_and_scrapes_are_served_past_the_cap(start_service: Start) -> None:
+    """A worker at its cap still answers the kubelet and Prometheus (else liveness would restart
+    the container and cut what the cap protects); anything else is refused."""
+    svc = start_service("--max-connections", "2", workers=1)
+    held = [socket.create_connection(("127.0.0.1", svc.port)) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        assert svc.request("/healthz")[0] == 200
+        assert svc.request("/readyz")[0] == 200
+        status, _, body = svc.request("/metrics")
+        assert status == 200 and b"tornado_connections_refused_total" in body
+        assert svc.request("/api/hello")[0] == 503
+        assert svc.request("/healthzz")[0] == 503  # only the probes' own paths
+    finally:
+        for sock in held:
+            sock.close()
+
+
 @pytest.mark.parametrize("reuse_port", [False, True])
 def test_worker_count_from_settings_and_port_sharing(start_service: Start, reuse_port: bool) -> None:
     svc = start_service("--reuse-port" if reuse_port else "--no-reuse-port", workers=2)
