@@ -288,10 +288,16 @@ def tornado_service() -> Dashboard:
                           f"/ on (job, instance, worker) tornado_max_connections{{{SEL}}})", per_worker)),
                  width=8, steps=[(None, "green"), (0.8, "orange"), (0.95, "red")])
     p.timeseries("Connections refused/s",
-                 "Connections refused with a 503 because a worker held MAX_CONNECTIONS; no request "
-                 "counter sees them (alert TornadoConnectionsRefused).", "short",
+                 "Connections refused with a 503 because a worker held MAX_CONNECTIONS (A; alert "
+                 "TornadoConnectionsRefused), or its memory cap while its cgroup was over MEMORY_SHED_AT "
+                 "(B; alert TornadoMemoryShedding; a flat 0 per worker until the first, and in a worker "
+                 "with no memory limit). No request counter sees them.", "short",
                  queries((f"sum by (instance, worker) (rate(tornado_connections_refused_total{{{SEL}}}"
-                          "[$__rate_interval]))", per_worker)),
+                          "[$__rate_interval]))", per_worker),
+                         (f"sum by (instance, worker) (rate(tornado_connections_refused_memory_total{{{SEL}}}"
+                          "[$__rate_interval])) or on (instance, worker) "
+                          f"(max by (instance, worker) (tornado_workers_alive{{{SEL}}}) * 0)",
+                          "{{instance}} worker {{worker}} (memory)")),
                  width=8, steps=[(None, "green"), (0.01, "red")])
     p.timeseries("Open WebSockets by handler",
                  "Open WebSocket connections. The service sums this gauge over its workers (it has a "
