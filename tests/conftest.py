@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -168,6 +169,27 @@ def wait_until(check: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def gone(pids: list[int], timeout: float) -> bool:
+    """Whether every one of `pids` has stopped running within `timeout` seconds."""
+    return wait_until(lambda: not any(alive(pid) for pid in pids), timeout)
+
+
+def refused(port: int) -> bool:
+    """Whether a connection to 127.0.0.1:port is refused now (nothing listens: not a hang, not a 503)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
 
 
 def http_request(

@@ -13,7 +13,6 @@ then refuses connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.client
 import json
 import os
@@ -25,10 +24,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import wsclient
-from conftest import ROOT, ServiceProcess, require_tool, wait_until
+from conftest import ROOT, ServiceProcess, gone, require_tool, wait_until
 from proxy import Nginx, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -247,14 +245,9 @@ def test_supervisor_sigkill_leaves_no_worker_and_frees_the_port(
     port = svc.port
     workers = svc.tree()
     svc.signal(signal.SIGKILL)
-    assert wait_until(lambda: not any(_alive(pid) for pid in workers), 10), "orphaned workers linger"
+    assert gone(workers, 10), "orphaned workers linger"
     assert len(svc.named("worker drained")) == 2
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))  # the next instance can listen on it at once
 
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    return False

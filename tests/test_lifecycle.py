@@ -13,26 +13,9 @@ from collections.abc import Callable
 import psutil
 import pytest
 import wsclient
-from conftest import ServiceProcess, require_tool, wait_until
+from conftest import ServiceProcess, gone, refused, require_tool, wait_until
 
 Start = Callable[..., ServiceProcess]
-
-
-def _gone(pids: list[int], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
 
 
 def _in_background(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
@@ -71,7 +54,7 @@ def test_worker_that_exits_cleanly_is_not_restarted(start_service: Start) -> Non
     mark = len(svc.events)
     os.kill(pid, signal.SIGTERM)  # a worker alone drains and exits 0
     svc.wait_for(lambda e: e.get("event") == "worker exited" and e.get("restart") is False, after=mark)
-    assert _gone([pid], 5)
+    assert gone([pid], 5)
     assert worker_id not in svc.live_workers()
     assert len(svc.live_workers()) == 1
     assert svc.request("/")[0] == 200
@@ -87,7 +70,7 @@ def test_crash_loop_is_bounded(start_service: Start) -> None:
     workers = svc.tree()
     assert svc.wait(15) == 1
     assert svc.wait_for(lambda e: e.get("event") == "crash loop: giving up")
-    assert _gone(workers, 5)
+    assert gone(workers, 5)
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: Start) -> None:
@@ -97,12 +80,12 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(start_service: S
     time.sleep(0.5)  # the request is in flight
     svc.signal(signal.SIGTERM)
     svc.wait_for(lambda e: e.get("event") == "shutting down")
-    assert wait_until(lambda: _refused(svc.port), 3), "new connections must be refused while draining"
+    assert wait_until(lambda: refused(svc.port), 3), "new connections must be refused while draining"
     assert svc.wait(10) == 0  # 0: within the grace (its running out means SIGKILLed workers and 1)
     thread.join(5)
     status, body = result[0]  # type: ignore[misc]
     assert status == 200 and body["slept_ms"] == 2000
-    assert _gone(workers, 1)
+    assert gone(workers, 1)
     assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
     exits = svc.named("worker exited")
     assert sorted(e["worker"] for e in exits) == [0, 1] and {e["exit_code"] for e in exits} == {0}
@@ -148,7 +131,7 @@ def test_sigint_drains_like_sigterm(start_service: Start) -> None:
     workers = svc.tree()
     svc.signal(signal.SIGINT)
     assert svc.wait(10) == 0
-    assert _gone(workers, 1)
+    assert gone(workers, 1)
 
 
 def test_process_group_signal_drains_once(start_service: Start) -> None:
@@ -157,7 +140,7 @@ def test_process_group_signal_drains_once(start_service: Start) -> None:
     workers = svc.tree()
     os.killpg(svc.pid, signal.SIGTERM)
     assert svc.wait(10) == 0
-    assert _gone(workers, 1)
+    assert gone(workers, 1)
     # A worker reaped inside fork_processes at the instant the signal lands may go unlogged;
     # every exit that is logged is clean, each worker drained once, and none was restarted.
     assert all(e.get("exit_code") == 0 for e in svc.named("worker exited"))
@@ -176,7 +159,7 @@ def test_second_ctrl_c_stops_at_once(start_service: Start) -> None:
     svc.wait_for(lambda e: e.get("event") == "shutting down")
     svc.signal(signal.SIGINT)
     assert svc.wait(10) == 1  # at once: the request in flight had 30 s to go, the grace 60 s
-    assert _gone(workers, 2)
+    assert gone(workers, 2)
     assert svc.wait_for(lambda e: e.get("event") == "second signal: stopping workers at once")
 
 
@@ -187,7 +170,7 @@ def test_grace_running_out_ends_the_drain(start_service: Start) -> None:
     time.sleep(0.3)
     svc.signal(signal.SIGTERM)
     svc.wait(10)  # well before the 30 s request would have finished: the 2 s grace ended the drain
-    assert _gone(workers, 1)
+    assert gone(workers, 1)
     thread.join(5)
     assert isinstance(result[0], Exception), "the cut request must fail, not hang"
     assert svc.wait_for(lambda e: e.get("event") == "drain deadline reached, closing what is left")
@@ -197,7 +180,7 @@ def test_orphaned_workers_drain_when_the_supervisor_dies(start_service: Start) -
     svc = start_service()
     workers = svc.tree()
     svc.signal(signal.SIGKILL)
-    assert _gone(workers, 5)
+    assert gone(workers, 5)
     assert len(svc.named("worker drained")) == 2
 
 
@@ -270,6 +253,6 @@ def test_drains_as_pid_1_of_a_pid_namespace(start_service: Start) -> None:
     workers = svc.tree()
     pid_1.send_signal(signal.SIGTERM)
     assert svc.wait(10) == 0
-    assert _gone(workers, 1)
+    assert gone(workers, 1)
     assert len(svc.named("worker exited")) == len(started)
     assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")

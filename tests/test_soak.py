@@ -19,9 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import ROOT, require_tool
+from conftest import ROOT, alive, require_tool
 
 from loadtests import soak
 
@@ -54,13 +53,6 @@ def run_soak(reports: Path, timeout: float) -> tuple[int, str]:
             output, _ = proc.communicate()
         pytest.fail(f"the soak overstayed {timeout:.0f} s:\n{output[-4000:]}")
     return proc.returncode, output
-
-
-def running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 @pytest.mark.timeout(420)
@@ -101,7 +93,7 @@ def test_soak_60_seconds_passes(tmp_path: Path) -> None:
     pids = {result["baseline"]["supervisor"]["pid"]}
     pids |= {w["pid"] for w in result["baseline"]["workers"].values()}
     pids |= {k["pid"] for k in result["kills"]} | {k["new_pid"] for k in result["kills"]}
-    assert not [pid for pid in pids if running(pid)]
+    assert not [pid for pid in pids if alive(pid)]
     assert result["checks"]["cleanup"]["left"] == []
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, require_tool
+from conftest import ROOT, alive, require_tool
 from proxy import free_port, wait_for_port, wait_for_query
 
 
@@ -76,8 +76,8 @@ def test_stack_serves_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
     assert "stack running" in output and f"http://127.0.0.1:{ports['http']}" in output
     assert '"event":"shutdown complete"' in output  # the service drained
     assert "stack: stopped" in output
-    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive
+    left = [pid for pid in children if alive(pid)]
+    assert not left
     assert (tmp_path / "stack" / "tls" / "tls.crt").exists()  # a self-signed pair was made
 
 
@@ -112,8 +112,8 @@ def test_stack_runs_redis_when_broadcast_url_names_a_local_one(tmp_path: Path) -
         raise AssertionError(f"stack output:\n{output[-4000:]}") from failure
     assert code == 0, output[-3000:]
     assert f"redis://127.0.0.1:{redis_port}" in output and '"backplane":"redis"' in output
-    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive  # redis-server included
+    left = [pid for pid in children if alive(pid)]
+    assert not left  # redis-server included
 
 
 def test_stack_stopped_twice_by_sigterm_still_drains(tmp_path: Path) -> None:
@@ -145,5 +145,5 @@ def test_stack_stopped_twice_by_sigterm_still_drains(tmp_path: Path) -> None:
     thread.join(15)
     assert answers == [200], output[-3000:]
     assert code == 0 and '"event":"shutdown complete"' in output
-    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert not alive
+    left = [pid for pid in children if alive(pid)]
+    assert not left

@@ -18,14 +18,13 @@ import contextlib
 import http.client
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
-from conftest import ROOT, ServiceProcess, require_tool, wait_until
+from conftest import ROOT, ServiceProcess, gone, refused, require_tool, wait_until
 
 Start = Callable[..., ServiceProcess]
 SLEEP_MS = 2500
@@ -96,19 +95,10 @@ def _accepted(svc: ServiceProcess, client_ports: list[int]) -> bool:
     return set(client_ports) <= held
 
 
-def _refused(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2):
-            return False
-    except ConnectionRefusedError:
-        return True
-
-
 def _assert_drained(svc: ServiceProcess, inflight: InFlight, workers: list[int]) -> None:
-    assert wait_until(lambda: _refused(svc.port), 5), "new connections must be refused while draining"
+    assert wait_until(lambda: refused(svc.port), 5), "new connections must be refused while draining"
     assert inflight.answered() == {"sleep": 200, "poll": 204}
-    assert wait_until(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                                      for p in workers), 10)
+    assert gone(workers, 10)
     assert svc.wait_for(lambda e: e.get("event") == "shutdown complete")
     assert not svc.named("second signal: stopping workers at once")
     assert not svc.named("worker died, restarting")
