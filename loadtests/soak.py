@@ -322,6 +322,18 @@ class ProtocolError(Exception):
     pass
 
 
+# What a request or an upgrade on the wire may raise when the other end misbehaves or goes away
+# (a failure to count, not a bug of the driver): both the HTTP and the WebSocket clients catch these.
+WIRE_ERRORS = (
+    OSError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ProtocolError,
+    TimeoutError,
+    ValueError,
+)
+
+
 class Refused(Exception):
     """A WebSocket upgrade answered with something other than 101."""
 
@@ -622,14 +634,7 @@ class Clients:
             reused = conn.reused
             try:
                 response = await asyncio.wait_for(conn.request(method, target, body, close), 20)
-            except (
-                OSError,
-                asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError,
-                ProtocolError,
-                TimeoutError,
-                ValueError,
-            ) as exc:
+            except WIRE_ERRORS as exc:
                 # Through Nginx a client connection is no worker's: only directly does it name one.
                 pid = conn.pid if self.args.direct else None
                 conn.abort()
@@ -774,14 +779,7 @@ class Clients:
         except Refused as exc:
             self.fail(kind, what, f"upgrade answered {exc.status}", exc.pid)
             return
-        except (
-            OSError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ProtocolError,
-            TimeoutError,
-            ValueError,
-        ) as exc:
+        except WIRE_ERRORS as exc:
             self.fail(kind, what, f"upgrade: {type(exc).__name__}", None)
             return
         opened = self.now()
