@@ -6,10 +6,10 @@ passes explicit `cores` and `affinity`, so nothing depends on the machine runnin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cgroupfake import CgroupHost, write
 
 from service.cpus import CpuBudget, cgroup_quota, cpu_budget
 
@@ -17,26 +17,18 @@ APP = "/user.slice/app.service"  # the process's own cgroup in most tests
 V1_CPU = "4:cpu,cpuacct:"  # a v1 /proc/self/cgroup line's prefix for the cpu controller
 
 
-@dataclass
-class FakeHost:
-    """A fake cgroup mount (`root`) and the process's membership file (`self_cgroup`)."""
-
-    root: Path
-    self_cgroup: Path
-
-    def member_of(self, *lines: str) -> None:
-        """Write /proc/self/cgroup, e.g. "0::/app" (v2) or "4:cpu,cpuacct:/app" (v1)."""
-        self.self_cgroup.write_text("".join(line + "\n" for line in lines))
+class FakeHost(CgroupHost):
+    """The fake cgroup tree, with this module's files."""
 
     def cpu_max(self, cgroup: str, value: str) -> None:
         """A cgroup v2 `cpu.max` ("quota period" or "max period") in `cgroup` under the root."""
-        _write(self.root / cgroup.lstrip("/") / "cpu.max", value)
+        write(self.root / cgroup.lstrip("/") / "cpu.max", value)
 
     def cfs(self, cgroup: str, quota: int, period: int = 100_000, mount: str = "cpu,cpuacct") -> None:
         """cgroup v1 `cpu.cfs_quota_us` and `cpu.cfs_period_us` in `cgroup` under the v1 `mount`."""
         directory = self.root / mount / cgroup.lstrip("/")
-        _write(directory / "cpu.cfs_quota_us", str(quota))
-        _write(directory / "cpu.cfs_period_us", str(period))
+        write(directory / "cpu.cfs_quota_us", str(quota))
+        write(directory / "cpu.cfs_period_us", str(period))
 
     def quota(self) -> tuple[float, str] | None:
         return cgroup_quota(self.root, self.self_cgroup)
@@ -45,16 +37,9 @@ class FakeHost:
         return cpu_budget(self.root, self.self_cgroup, cores=cores, affinity=affinity)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-
-
 @pytest.fixture
 def host(tmp_path: Path) -> FakeHost:
-    root = tmp_path / "sys" / "fs" / "cgroup"
-    root.mkdir(parents=True)
-    return FakeHost(root=root, self_cgroup=tmp_path / "proc-self-cgroup")
+    return FakeHost.under(tmp_path)
 
 
 # -- cgroup v2 -----------------------------------------------------------------------------------
@@ -180,7 +165,7 @@ def test_v1_limit_on_a_parent_binds_an_unlimited_child(host: FakeHost) -> None:
 
 def test_v1_quota_without_a_period_file_is_ignored(host: FakeHost) -> None:
     host.member_of(V1_CPU + APP)
-    _write(host.root / "cpu,cpuacct" / APP.lstrip("/") / "cpu.cfs_quota_us", "150000")
+    write(host.root / "cpu,cpuacct" / APP.lstrip("/") / "cpu.cfs_quota_us", "150000")
 
     assert host.quota() is None
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import structlog
+from cgroupfake import CgroupHost, write
 from structlog.testing import capture_logs
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
@@ -30,34 +31,26 @@ MiB = 1 << 20
 V1_UNLIMITED = 9223372036854771712  # what cgroup v1 shows for "no limit" (4 KiB pages)
 
 
-@dataclass
-class FakeHost:
-    """A fake cgroup mount (`root`) and the process's membership file (`self_cgroup`)."""
-
-    root: Path
-    self_cgroup: Path
-
-    def member_of(self, *lines: str) -> None:
-        """Write /proc/self/cgroup, e.g. "0::/app" (v2) or "4:memory:/app" (v1)."""
-        self.self_cgroup.write_text("".join(line + "\n" for line in lines))
+class FakeHost(CgroupHost):
+    """The fake cgroup tree, with this module's files."""
 
     def v2(
         self, cgroup: str, limit: int | str, current: int, inactive_file: int = 0, mount: str = ""
     ) -> None:
         """memory.max, memory.current and memory.stat of a v2 cgroup (`mount` "unified": hybrid)."""
         directory = self.root / mount / cgroup.lstrip("/")
-        _write(directory / "memory.max", str(limit))
-        _write(directory / "memory.current", str(current))
-        _write(
+        write(directory / "memory.max", str(limit))
+        write(directory / "memory.current", str(current))
+        write(
             directory / "memory.stat", f"anon {current}\nfile 0\ninactive_file {inactive_file}\nactive_file 0"
         )
 
     def v1(self, cgroup: str, limit: int, usage: int, inactive_file: int = 0) -> None:
         """memory.limit_in_bytes, memory.usage_in_bytes and memory.stat of a v1 memory cgroup."""
         directory = self.root / "memory" / cgroup.lstrip("/")
-        _write(directory / "memory.limit_in_bytes", str(limit))
-        _write(directory / "memory.usage_in_bytes", str(usage))
-        _write(
+        write(directory / "memory.limit_in_bytes", str(limit))
+        write(directory / "memory.usage_in_bytes", str(usage))
+        write(
             directory / "memory.stat",
             f"cache 0\nrss {usage}\ninactive_file 1\ntotal_rss {usage}\ntotal_inactive_file {inactive_file}",
         )
@@ -66,16 +59,9 @@ class FakeHost:
         return CgroupMemory.of_this_process(self.root, self.self_cgroup)
 
 
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
-
-
 @pytest.fixture
 def host(tmp_path: Path) -> FakeHost:
-    root = tmp_path / "sys" / "fs" / "cgroup"
-    root.mkdir(parents=True)
-    return FakeHost(root=root, self_cgroup=tmp_path / "proc-self-cgroup")
+    return FakeHost.under(tmp_path)
 
 
 # -- reading the limits ----------------------------------------------------------------------------
@@ -203,7 +189,7 @@ def test_no_cgroup_files_at_all_is_no_limit(host: FakeHost) -> None:
 def test_unreadable_usage_is_skipped(host: FakeHost, usage: str) -> None:
     host.member_of(f"4:memory:{APP}")
     host.v1(APP, limit=64 * MiB, usage=0)
-    _write(host.root / "memory" / APP.lstrip("/") / "memory.usage_in_bytes", usage)
+    write(host.root / "memory" / APP.lstrip("/") / "memory.usage_in_bytes", usage)
 
     assert host.memory().read() is None
 
