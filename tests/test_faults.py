@@ -13,13 +13,11 @@ then refuses connections.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import pytest
 import wsclient
 from conftest import ROOT, ServiceProcess, gone, require_tool, wait_until
+from httpload import HttpLoad
 from proxy import Nginx, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -136,45 +135,6 @@ class Member:
             pass
 
 
-class HttpLoad:
-    """Threads sending GETs through Nginx on keep-alive connections until told to stop."""
-
-    def __init__(self, port: int, threads: int = 6) -> None:
-        self.port = port
-        self.failures: list[str] = []
-        self.done = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def _client(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
-        for i in range(100_000):  # bounded in count as well as by the stop
-            if self._stop.is_set():
-                break
-            path = "/api/sleep?ms=50" if i % 3 == 0 else "/api/hello"
-            try:
-                conn.request("GET", path)
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    self.failures.append(f"{path}: {response.status}")
-            except (OSError, http.client.HTTPException) as exc:
-                self.failures.append(f"{path}: {exc!r}")
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
-            with self._lock:
-                self.done += 1
-        conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(20)
-
-
 def test_rolling_restart_of_two_instances_behind_one_nginx(
     tmp_path: Path, cleanup: list[ServiceProcess | Nginx]
 ) -> None:
@@ -190,7 +150,7 @@ def test_rolling_restart_of_two_instances_behind_one_nginx(
     nginx = Nginx(tmp_path / "nginx", ports[0], UPSTREAM=",".join(f"127.0.0.1:{p}" for p in ports))
     cleanup.append(nginx)
     nginx.start()
-    load = HttpLoad(nginx.http_port)
+    load = HttpLoad(nginx.http_port, ["/api/sleep?ms=50", "/api/hello", "/api/hello"])
     members = [Member(f"ws://127.0.0.1:{nginx.http_port}/ws/ticker") for _ in range(12)]
     restarted: list[int] = []
 

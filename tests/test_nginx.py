@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import wsclient
-from conftest import ServiceProcess, http_request, require_tool
+from conftest import ServiceProcess, http_request, require_tool, wait_until
+from httpload import HttpLoad
 from proxy import Nginx, Prometheus
 from tornado.httpclient import HTTPClientError, HTTPRequest
 
@@ -260,44 +259,18 @@ def test_real_prometheus_scrapes_the_service_directly(
 def test_killing_a_worker_under_load_fails_no_request(start_service: Start, start_proxy: StartProxy) -> None:
     svc = start_service()
     proxy = start_proxy(svc.port)
-    failures: list[str] = []
-    done = 0
-    lock = threading.Lock()
     stop_at = time.monotonic() + 4.0
-
-    def client() -> None:
-        nonlocal done
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.http_port, timeout=10)
-        for _ in range(1000):  # bounded in count and in time
-            if time.monotonic() > stop_at:
-                break
-            try:
-                conn.request("GET", "/api/sleep?ms=40")
-                response = conn.getresponse()
-                response.read()
-                if response.status != 200:
-                    failures.append(f"status {response.status}")
-            except (OSError, http.client.HTTPException) as exc:
-                failures.append(repr(exc))
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.http_port, timeout=10)
-            with lock:
-                done += 1
-        conn.close()
-
-    threads = [threading.Thread(target=client) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while done < 100 and time.monotonic() < deadline:  # the load is flowing before the kill
-        time.sleep(0.01)
-    victim_id, victim_pid = next(iter(svc.live_workers().items()))
-    mark = len(svc.events)
-    os.kill(victim_pid, signal.SIGKILL)
-    for thread in threads:
-        thread.join(20)
+    load = HttpLoad(proxy.http_port, ["/api/sleep?ms=40"], threads=12, timeout=10)
+    try:
+        assert wait_until(lambda: load.done >= 100, 30)  # the load is flowing before the kill
+        victim_id, victim_pid = next(iter(svc.live_workers().items()))
+        mark = len(svc.events)
+        os.kill(victim_pid, signal.SIGKILL)
+        time.sleep(max(0.0, stop_at - time.monotonic()))
+    finally:
+        load.stop()
     svc.wait_for(lambda e: e.get("event") == "worker started" and e["worker"] == victim_id, after=mark)
-    assert done > 200
-    assert failures == [], f"{len(failures)} of {done} requests failed: {failures[:5]}"
+    assert load.done > 200
+    assert load.failures == [], f"{len(load.failures)} of {load.done} requests failed: {load.failures[:5]}"
     retried = [line for line in proxy.access_lines() if "," in line["upstream_addr"]]
-    print(f"{done} requests, {len(retried)} retried by Nginx on a new connection")
+    print(f"{load.done} requests, {len(retried)} retried by Nginx on a new connection")
