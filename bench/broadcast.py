@@ -85,7 +85,8 @@ EXPLAIN: dict[str, list[str]] = {f"service, undo {name}": serve_with(name) for n
 # -- the service with savings undone (runs as the server process) -------------------------------
 def serve(undo: set[str], argv: list[str]) -> int:
     """`python -m service argv`, with the savings named in `undo` put back (see UNDO)."""
-    from service import config, logs, metrics_dir
+    from service import config
+    from service.telemetry import logs, metrics_dir
 
     unknown = undo - UNDO.keys()
     if unknown:
@@ -96,10 +97,11 @@ def serve(undo: set[str], argv: list[str]) -> int:
     from tornado.httputil import HTTPHeaders
     from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-    from service import app, pinger
+    from service import app
     from service.handlers import sockets
-    from service.supervisor import Supervisor
-    from service.ticker import Tick
+    from service.process.supervisor import Supervisor
+    from service.ws import pinger
+    from service.ws.ticker import Tick
 
     if "write_message" in undo:
         sockets.TickerSocket.push_frame = sockets.TickerSocket.push_text  # type: ignore[method-assign]

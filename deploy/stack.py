@@ -173,7 +173,7 @@ class Stack:
         """Any signal stops the stack; only a repeated Ctrl-C (SIGINT) cuts the drain short.
 
         A SIGTERM may come twice for one stop: `kill -TERM -PGID` of `make stack` reaches this
-        process, and make forwards one more (as for `make run`, see service/supervisor.py).
+        process, and make forwards one more (as for `make run`, see service/process/supervisor.py).
         """
         self.stopping += 1
         if signum == signal.SIGINT:

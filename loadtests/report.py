@@ -308,7 +308,7 @@ def compare(
     return out
 
 
-# The service's http_request_duration_seconds buckets (service/metrics.py), in seconds.
+# The service's http_request_duration_seconds buckets (service/telemetry/metrics.py), in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 

@@ -72,7 +72,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = Path(__file__).resolve().parent / "reports" / "soak"
 MIB = 1024 * 1024
-WORKER_PREFIX = "tornado-w"  # service/worker.py names worker N's process tornado-wN
+WORKER_PREFIX = "tornado-w"  # service/process/worker.py names worker N's process tornado-wN
 LIVE_GAUGE_PREFIX = "gauge_live"  # prometheus-client's live gauges: removed when a process is marked dead
 IDEMPOTENT = frozenset({"GET", "HEAD"})
 
@@ -1371,8 +1371,8 @@ class Soak:
         return {"passed": passed, "margin": margin, "rows": rows}
 
     def judge_metrics_dir(self) -> dict[str, Any]:
-        """Bounded, as service/metrics_dir.py promises: a dead worker's live gauges go (the supervisor
-        marks it dead), its counters and histograms stay (so rate() never goes backwards) until the
+        """Bounded, as service/telemetry/metrics_dir.py promises: a dead worker's live gauges go (the
+        supervisor marks it dead), its counters and histograms stay (so rate() never goes backwards) until the
         next start, and MAX_RESTARTS bounds how many dead workers there can be. So the file count
         may grow by the kept files of each restart and by nothing else (not with traffic, not with
         time): at every sample it is at most the baseline plus the kept files of the kills so far,

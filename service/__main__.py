@@ -5,14 +5,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from service import config, logs, metrics_dir
+from service import config
+from service.telemetry import logs, metrics_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = config.load(argv)
     logs.configure(settings.log_level, settings.log_format)
     directory = metrics_dir.prepare()  # before prometheus-client is imported: it refuses otherwise
-    from service.supervisor import Supervisor  # imports service.metrics, and so prometheus-client
+    from service.process.supervisor import (
+        Supervisor,  # imports service.telemetry.metrics, and so prometheus-client
+    )
 
     try:
         return Supervisor(settings, directory).run()  # workers never return here (os._exit)

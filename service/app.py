@@ -7,10 +7,7 @@ from typing import Any, cast
 
 from tornado.web import Application, url
 
-from service import metrics
-from service.access import request_observer
 from service.config import Settings
-from service.context import SETTING, WorkerContext
 from service.handlers.base import NotFoundHandler
 from service.handlers.health import HealthzHandler, ReadyzHandler
 from service.handlers.hello import ApiHelloHandler, HelloHandler
@@ -18,8 +15,11 @@ from service.handlers.rooms import ChatSocket, PublishHandler, RoomPollHandler
 from service.handlers.scrape import MetricsHandler
 from service.handlers.sockets import EchoSocket, TickerSocket
 from service.handlers.work import ComputeHandler, SleepHandler
-from service.pinger import SETTING as PINGER
-from service.pinger import Pingable, SocketPinger
+from service.http.access import request_observer
+from service.http.context import SETTING, WorkerContext
+from service.telemetry import metrics
+from service.ws.pinger import SETTING as PINGER
+from service.ws.pinger import Pingable, SocketPinger
 
 TICKER_ROUTE = "ws_ticker"
 CHAT_ROUTE = "ws_chat"
@@ -55,7 +55,7 @@ class ServiceApp(Application):
 
     def __init__(self, settings: Settings, context: WorkerContext, **extra: Any) -> None:
         state = context.state
-        # WS_PING_INTERVAL: one timer pings every WebSocket of the worker (service/pinger.py says why)
+        # WS_PING_INTERVAL: one timer pings every WebSocket of the worker (service/ws/pinger.py says why)
         pinger = None
         if settings.ws_ping_interval:
             sockets = cast(Collection[Pingable], state.websockets)  # every one a TrackedSocket

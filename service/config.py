@@ -33,7 +33,7 @@ class Settings:
 
     port: int = 8888
     address: str = ""
-    workers: int | None = None  # None: derived from the CPUs this process may use (service.cpus)
+    workers: int | None = None  # None: derived from the CPUs this process may use (service.process.cpus)
     backlog: int = 2048
     reuse_port: bool = False
     shutdown_grace: float = 20.0

@@ -1,5 +1,5 @@
 """A fake cgroup mount and /proc/self/cgroup, built under tmp_path, for the tests of what
-service.cpus (the CPU quota) and service.memguard (the memory limit) read from the machine."""
+service.process.cpus (the CPU quota) and service.process.memguard (the memory limit) read from the machine."""
 
 from __future__ import annotations
 

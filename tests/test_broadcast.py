@@ -1,7 +1,7 @@
 """The tick fan-out and the sockets' keep-alive, against the real service.
 
 A tick is framed once per worker and the same bytes are sent on every ticker socket
-(service/frames.py, TickerSocket.push_frame): these read those bytes as a client gets them, with
+(service/ws/frames.py, TickerSocket.push_frame): these read those bytes as a client gets them, with
 several sockets on one worker, sockets that vanish while ticks go out, a reader that stops
 reading, and a peer that never answers a ping. No timing is asserted: waits are bounded.
 """
@@ -190,7 +190,7 @@ def test_a_ticker_reader_that_stops_reading_is_dropped_and_counted(start_service
 
 
 def test_a_peer_that_never_answers_pings_is_closed_and_one_that_does_stays(start_service: Start) -> None:
-    """WS_PING_INTERVAL is served by one pinger per worker (service/pinger.py), not by a task per
+    """WS_PING_INTERVAL is served by one pinger per worker (service/ws/pinger.py), not by a task per
     socket: pings still go out, and a socket whose ping goes unanswered is closed as Tornado
     closes it (1000, "ping timed out"); a socket that answers is left alone."""
     svc = start_service("--ws-ping-interval", "1", workers=1)

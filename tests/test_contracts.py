@@ -14,11 +14,12 @@ from pathlib import Path
 import tornado.process
 from conftest import ROOT
 
-from service.supervisor import TornadoChildReports
+from service.process.supervisor import TornadoChildReports
 
 SERVICE = ROOT / "service"
-LEAVES = ("service.metrics", "service.metrics_dir", "service.logs", "service.state", "service.errors",
-          "service.requestid", "service.cpus", "service.config")
+LEAVES = ("service.telemetry.metrics", "service.telemetry.metrics_dir", "service.telemetry.logs",
+          "service.http.state", "service.http.errors", "service.http.requestid", "service.process.cpus",
+          "service.config")
 
 
 def module_name(path: Path) -> str:
@@ -69,8 +70,9 @@ def test_handlers_do_not_know_the_application() -> None:
     graph = service_imports()
     for module, imported in graph.items():
         if module.startswith("service.handlers"):
-            assert "service.app" not in imported and "service.worker" not in imported, module
-    assert "service.app" not in graph["service.ticker"] and "service.metrics" not in graph["service.ticker"]
+            assert "service.app" not in imported and "service.process.worker" not in imported, module
+    ticker = graph["service.ws.ticker"]
+    assert "service.app" not in ticker and "service.telemetry.metrics" not in ticker
 
 
 def test_tornado_reports_child_deaths_as_the_supervisor_reads_them() -> None:
@@ -83,7 +85,7 @@ def test_tornado_reports_child_deaths_as_the_supervisor_reads_them() -> None:
 
 
 def test_metrics_directory_must_be_prepared_before_prometheus_client() -> None:
-    script = "import prometheus_client\nfrom service import metrics_dir\nmetrics_dir.prepare({})\n"
+    script = "import prometheus_client\nfrom service.telemetry import metrics_dir\nmetrics_dir.prepare({})\n"
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode != 0
@@ -124,7 +126,7 @@ def test_tornado_clear_resets_what_service_handler_clear_resets() -> None:
 
 
 def test_tornado_requests_take_the_client_from_the_connection_context() -> None:
-    """service.server.ForwardedHeaders sets `remote_ip` and `protocol` on the connection's context
+    """service.http.server.ForwardedHeaders sets `remote_ip` and `protocol` on the connection's context
     before the request is made, as Tornado's own xheaders does; the request copies them."""
     from tornado import httpserver, httputil
 
@@ -143,7 +145,7 @@ def test_prometheus_histogram_keeps_buckets_and_sum_as_the_flush_adds_to_them() 
     `_buckets` and `_sum`: the result must be what n calls of observe() give."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from service.metrics import LATENCY_BOUNDS, LATENCY_BUCKETS, RequestTotals
+    from service.telemetry.metrics import LATENCY_BOUNDS, LATENCY_BUCKETS, RequestTotals
 
     observed = [0.0005, 0.001, 0.0011, 0.004, 0.1, 0.25, 7.0, 60.0, 61.0, 0.001, 0.02]
     by_observe = Histogram("ref", "", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
@@ -169,7 +171,7 @@ def test_request_totals_flush_into_the_service_metrics() -> None:
     """Counts and histogram of a flush equal one observe() and inc() per request, and start again from 0."""
     from prometheus_client import REGISTRY
 
-    from service.metrics import RequestTotals
+    from service.telemetry.metrics import RequestTotals
 
     totals = RequestTotals()
     for seconds in (0.001, 0.003, 0.003, 2.0):
@@ -193,7 +195,7 @@ def test_request_totals_flush_into_the_service_metrics() -> None:
 
 
 # -- what the tick fan-out and the per-socket memory work rely on in Tornado and CPython -----------
-# (service/frames.py, service/handlers/sockets.py; bench/broadcast.py measures what they save)
+# (service/ws/frames.py, service/handlers/sockets.py; bench/broadcast.py measures what they save)
 
 
 def _set_on_self(function: object) -> set[str]:
@@ -208,13 +210,13 @@ def _set_on_self(function: object) -> set[str]:
 
 
 def test_a_prepared_tick_frame_is_byte_for_byte_tornados_own() -> None:
-    """TickerSocket.push_frame sends service.frames.text_frame's bytes where Tornado's
+    """TickerSocket.push_frame sends service.ws.frames.text_frame's bytes where Tornado's
     write_message would have framed the message itself: they must be the same bytes."""
     import asyncio
 
     from tornado.websocket import WebSocketProtocol13, _WebSocketParams
 
-    from service.frames import text_frame
+    from service.ws.frames import text_frame
 
     class Wire:  # an IOStream that only records
         def __init__(self) -> None:
@@ -320,13 +322,13 @@ def test_ticker_handlers_keep_attributes_inline_and_let_go_of_the_handshake() ->
     from tornado.testing import bind_unused_port
     from tornado.websocket import websocket_connect
 
-    from service import metrics
     from service.app import ServiceApp
     from service.config import Settings
-    from service.context import WorkerContext
     from service.handlers.sockets import TickerSocket
-    from service.state import WorkerState
-    from service.ticker import Ticker
+    from service.http.context import WorkerContext
+    from service.http.state import WorkerState
+    from service.telemetry import metrics
+    from service.ws.ticker import Ticker
 
     async def scenario() -> list[TickerSocket]:
         ticker = Ticker(0.05, 0)
@@ -361,7 +363,7 @@ def test_ticker_handlers_keep_attributes_inline_and_let_go_of_the_handshake() ->
 
 
 def test_tornado_tcpserver_keeps_the_maps_pausing_acceptor_fills() -> None:
-    """service.server.LimitedHTTPServer.add_sockets fills TCPServer's `_sockets` and `_handlers`
+    """service.http.server.LimitedHTTPServer.add_sockets fills TCPServer's `_sockets` and `_handlers`
     (fd -> socket, fd -> a callable that removes the accept handler) in place of Tornado's own
     `add_accept_handler`; `TCPServer.stop` reads both. Pinned here: if Tornado renames them, the
     drain would leave listeners open."""

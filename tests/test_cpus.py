@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cgroupfake import CgroupHost, write
 
-from service.cpus import CpuBudget, cgroup_quota, cpu_budget
+from service.process.cpus import CpuBudget, cgroup_quota, cpu_budget
 
 APP = "/user.slice/app.service"  # the process's own cgroup in most tests
 V1_CPU = "4:cpu,cpuacct:"  # a v1 /proc/self/cgroup line's prefix for the cpu controller

@@ -14,13 +14,13 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
 
-from service import logs, metrics
 from service.app import ServiceApp
 from service.config import Settings
-from service.context import WorkerContext
 from service.handlers.base import BaseHandler
-from service.state import WorkerState
-from service.ticker import Ticker
+from service.http.context import WorkerContext
+from service.http.state import WorkerState
+from service.telemetry import logs, metrics
+from service.ws.ticker import Ticker
 
 
 class Boom(BaseHandler):

@@ -7,7 +7,7 @@
 - A worker whose descriptors run out before its cap (its own limit lowered while it runs, as if
   something else had used the headroom): accept() fails with EMFILE. Tornado's accept loop would
   let that error reach the event loop, which calls it again at once, forever: a spin at full CPU
-  with a traceback logged per turn. The service pauses the listener instead (service/server.py,
+  with a traceback logged per turn. The service pauses the listener instead (service/http/server.py,
   PausingAcceptor); the waiting connections are accepted once descriptors are free again.
 - Nginx with a small worker_connections: a connection past it is accepted and closed at once
   ("worker_connections are not enough" in the error log), or, when some of the connections it
@@ -38,12 +38,12 @@ from metrics_client import scrape
 from proxy import Nginx
 from rawclient import Reply, read_until_closed
 
-from service.server import PausingAcceptor
+from service.http.server import PausingAcceptor
 
 Start = Callable[..., ServiceProcess]
 
 NOFILE = 400  # the service's whole open-files limit in the first test
-FD_RESERVE = 256  # service/supervisor.py: descriptors kept for everything but connections
+FD_RESERVE = 256  # service/process/supervisor.py: descriptors kept for everything but connections
 SPIN = 0.3  # CPU seconds per second of wall time above which a worker is taken to be spinning
 WINDOW = 2.0  # seconds over which a worker's CPU time is measured
 

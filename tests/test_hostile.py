@@ -305,7 +305,7 @@ def test_a_long_id_is_cut_by_the_head_limit(
 
 
 def test_no_log_line_is_longer_than_pipe_buf(service: ServiceProcess, workers: dict[int, int]) -> None:
-    """Lines up to PIPE_BUF are written whole (service/logs.py); longer ones from two workers can mix."""
+    """Lines up to PIPE_BUF are written whole (service/telemetry/logs.py); longer ones can mix."""
     mark = len(service.events)
     long_request = http("GET /" + "p" * 3000 + " HTTP/1.1\nUser-Agent: " + "u" * 3000, close=True)
     bad_version = b"GET / HTTP/1.1" + b"v" * 5000 + b"\r\nHost: x\r\n\r\n"

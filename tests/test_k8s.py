@@ -32,7 +32,7 @@ from k8s_render import kustomize, render
 
 import service
 from deploy import k8s
-from service.cpus import cpu_budget
+from service.process.cpus import cpu_budget
 
 # Kubernetes versions whose schemas the objects must pass, strict: the oldest minor the
 # manifests are meant for (their newest fields: ContainerResource HPA metrics, GA in 1.30;

@@ -3,7 +3,7 @@
 Each test builds a fake /sys/fs/cgroup (`root`) and a fake /proc/self/cgroup under tmp_path, as
 tests/test_cpus.py does, so nothing depends on the machine running the tests. The guard is driven
 by calling `check` after changing the fake files; the server it switches is a stand-in, except in
-the last tests, which refuse real connections through service.server.LimitedHTTPServer.
+the last tests, which refuse real connections through service.http.server.LimitedHTTPServer.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from structlog.testing import capture_logs
 from tornado.testing import bind_unused_port
 from tornado.web import Application, RequestHandler
 
-from service import memguard, metrics
-from service.memguard import CHECK_EVERY, RESUME_FRACTION, CgroupMemory, MemoryGuard
-from service.server import LimitedHTTPServer
+from service.http.server import LimitedHTTPServer
+from service.process import memguard
+from service.process.memguard import CHECK_EVERY, RESUME_FRACTION, CgroupMemory, MemoryGuard
+from service.telemetry import metrics
 
 APP = "/kubepods/pod1/app"  # the process's own cgroup in most tests
 MiB = 1 << 20

@@ -6,7 +6,7 @@ every worker it forks are charged there), measures its idle working set and tigh
 to a little above it. Then WebSockets are opened in small batches until something gives:
 
 - with memory shedding on (the default MEMORY_SHED_AT), with one worker and with two, new
-  connections get the clean 503 of service/server.py, no worker is OOM-killed, the sockets held
+  connections get the clean 503 of service/http/server.py, no worker is OOM-killed, the sockets held
   still echo, and once most are closed new connections are accepted again, in the room the closed
   ones left (the cgroup's usage hardly falls: CPython keeps freed memory for reuse);
 - with shedding off, the kernel's OOM killer SIGKILLs the worker: the supervisor restarts it and
@@ -78,7 +78,7 @@ class MemoryCgroup:
         self.write("memory.limit_in_bytes", str(limit))
 
     def working_set(self) -> int:
-        """Usage less the inactive file cache: what service.memguard reads, as the kernel sees it."""
+        """Usage less the inactive file cache: what service.process.memguard reads, as the kernel sees it."""
         stat = dict(line.split() for line in self.read("memory.stat").splitlines())
         return max(0, int(self.read("memory.usage_in_bytes")) - int(stat["total_inactive_file"]))
 

@@ -2,7 +2,7 @@
 
 A worker keeps its request counts in plain Python and adds them to its metric files every
 100 ms, before it answers a scrape (after asking every other worker to do the same), when it
-starts draining and when it exits (service/metrics.py). These tests read what an operator's
+starts draining and when it exits (service/telemetry/metrics.py). These tests read what an operator's
 Prometheus would: a scrape, or the files themselves, summed by prometheus-client's own
 multiprocess collector in this process (which asks no worker to flush anything), so each path
 is seen on its own. No timing is asserted; waits are bounded polls.

@@ -1,4 +1,4 @@
-"""The worker's one pinger (service/pinger.py), step by step with a fake clock and fake sockets.
+"""The worker's one pinger (service/ws/pinger.py), step by step with a fake clock and fake sockets.
 
 The real thing, against the real service, is in tests/test_broadcast.py; this pins the schedule:
 every socket pinged once per interval, spread over the interval's steps, a silent one closed on
@@ -7,7 +7,7 @@ its first visit a whole interval after its ping, a socket that answered pinged a
 
 from __future__ import annotations
 
-from service.pinger import SocketPinger
+from service.ws.pinger import SocketPinger
 
 
 class FakeSocket:

@@ -4,7 +4,7 @@
   directly for any string, and through the real service for any bytes in a query.
 - The settings (service/config.py): any string for any setting, as a flag or a variable, loads
   or stops start-up naming that setting; no other exception ever.
-- The WebSocket guard's frame checks (service/wsguard.py), against RFC 6455's rules.
+- The WebSocket guard's frame checks (service/ws/wsguard.py), against RFC 6455's rules.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from conftest import ServiceProcess
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from service import config, wsguard
-from service.errors import ApiError
+from service import config
 from service.handlers.base import BaseHandler
+from service.http.errors import ApiError
+from service.ws import wsguard
 
 # No example database in the tree; in CI the same examples every run (a failure is reproducible).
 settings.register_profile(

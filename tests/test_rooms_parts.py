@@ -9,10 +9,10 @@ from collections import deque
 
 import pytest
 
-from service.backplane import BATCH_BYTES, decode, encode, take_batch
-from service.frames import text_frame
-from service.ratelimit import AddressBuckets, TokenBucket
-from service.rooms import RoomMessage, Rooms, room_class, valid_room
+from service.rooms.members import RoomMessage, Rooms, room_class, valid_room
+from service.rooms.ratelimit import AddressBuckets, TokenBucket
+from service.rooms.records import BATCH_BYTES, decode, encode, take_batch
+from service.ws.frames import text_frame
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ const delivery = new Trend('room_delivery', true);
 const accepted = new Counter('room_publishes_accepted');
 const refused = new Counter('room_publishes_refused');
 
-// What every room message starts with (service/rooms.py: orjson keeps the keys in this order).
+// What every room message starts with (service/rooms/members.py: orjson keeps the keys in this order).
 const MESSAGE_PREFIX = '{"type":"message",';
 let pendingReceived = 0; // handed to k6 once a second, not per message (as websockets.js does)
 

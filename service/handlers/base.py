@@ -18,9 +18,10 @@ from tornado.escape import utf8
 from tornado.httputil import HTTPHeaders, format_timestamp
 from tornado.web import HTTPError, RequestHandler
 
-from service import logs, requestid
-from service.context import SETTING, WorkerContext
-from service.errors import ApiError, error_json
+from service.http import requestid
+from service.http.context import SETTING, WorkerContext
+from service.http.errors import ApiError, error_json
+from service.telemetry import logs
 
 _log = logs.get_logger("service.handlers")
 _date = [-1, ""]  # [second, its HTTP date]: the Date header changes once a second, not per response
@@ -47,7 +48,7 @@ class ServiceHandler(RequestHandler):
 
     @property
     def worker(self) -> WorkerContext:
-        """This worker's state, tick bus and metrics renderer (see service.context)."""
+        """This worker's state, tick bus and metrics renderer (see service.http.context)."""
         return cast(WorkerContext, self.application.settings[SETTING])
 
     def clear(self) -> None:

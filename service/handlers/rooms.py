@@ -25,14 +25,14 @@ import orjson
 from tornado.httputil import HTTPServerRequest
 from tornado.web import Application
 
-from service import metrics
-from service.broadcast import RATE_LIMITED, TOO_LARGE, Broadcast
-from service.errors import ApiError, error_json
 from service.handlers.base import BaseHandler, ServiceHandler
 from service.handlers.sockets import TrackedSocket
 from service.handlers.work import POLL_DEFAULT_SECONDS, POLL_MAX_SECONDS, PollHandler
-from service.ratelimit import TokenBucket
-from service.rooms import RoomMessage, valid_room
+from service.http.errors import ApiError, error_json
+from service.rooms.hub import RATE_LIMITED, TOO_LARGE, Broadcast
+from service.rooms.members import RoomMessage, valid_room
+from service.rooms.ratelimit import TokenBucket
+from service.telemetry import metrics
 
 UNSUPPORTED_DATA = 1003  # RFC 6455: a binary message, where rooms carry text
 RATE_LIMIT_CLOSE = 4029  # an application's code (4000-4999): the socket published too fast (as HTTP's 429)

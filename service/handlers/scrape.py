@@ -1,6 +1,6 @@
 """/metrics: every worker's samples summed, in Prometheus text format (OpenMetrics when asked).
 
-Workers keep their request counts in memory between flushes (service.metrics): first this
+Workers keep their request counts in memory between flushes (service.telemetry.metrics): first this
 worker flushes, asks every other worker to, and waits for them (at most 150 ms), so a scrape
 shows every request finished before it. Merging reads one file per process, so it runs on a
 thread: a scrape must not stall the requests this worker is serving (the metric that shows
@@ -13,8 +13,8 @@ from typing import cast
 
 from tornado.ioloop import IOLoop
 
-from service import metrics
 from service.handlers.base import BaseHandler
+from service.telemetry import metrics
 
 
 class MetricsHandler(BaseHandler):

@@ -14,14 +14,14 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from tornado.web import Application
 from tornado.websocket import WebSocketClosedError
 
-from service import logs, metrics
-from service.errors import ApiError
-from service.frames import send_frame
 from service.handlers.base import ServiceHandler
-from service.pinger import SETTING as PINGER
-from service.pinger import SocketPinger
-from service.ticker import Tick
-from service.wsguard import GuardedWebSocketHandler
+from service.http.errors import ApiError
+from service.telemetry import logs, metrics
+from service.ws.frames import send_frame
+from service.ws.pinger import SETTING as PINGER
+from service.ws.pinger import SocketPinger
+from service.ws.ticker import Tick
+from service.ws.wsguard import GuardedWebSocketHandler
 
 _log = logs.get_logger("service.handlers")
 
@@ -39,7 +39,7 @@ def _retrieve(future: Future[None]) -> None:
         future.exception()
 
 
-class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors: service/wsguard.py
+class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors: service/ws/wsguard.py
     def __init__(self, application: Application, request: HTTPServerRequest, **kwargs: Any) -> None:
         """Keeps the handler's attributes in CPython's compact layout, without a dict of its own.
 
@@ -98,7 +98,7 @@ class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors
             pinger.forget(self)
 
     def send_ping(self) -> bool:
-        """The worker's pinger (service/pinger.py) pings every socket through this."""
+        """The worker's pinger (service/ws/pinger.py) pings every socket through this."""
         try:
             self.ping()
         except (WebSocketClosedError, StreamClosedError):
@@ -141,7 +141,7 @@ class TrackedSocket(ServiceHandler, GuardedWebSocketHandler):  # RFC 6455 errors
         )
 
     def send_prepared(self, frame: bytes) -> None:
-        """Sends a prepared frame, the same bytes for every socket of a broadcast (service/frames.py).
+        """Sends a prepared frame, the same bytes for every socket of a broadcast (service/ws/frames.py).
 
         What `write_message` does, minus what is the same for every socket (encoding, framing)
         and the task it makes per call; only where `takes_prepared_frames` said yes. A full

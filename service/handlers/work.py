@@ -10,8 +10,8 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from service import metrics
 from service.handlers.base import BaseHandler
+from service.telemetry import metrics
 
 SLEEP_MAX_MS = 60_000
 COMPUTE_MAX_N = 10_000_000

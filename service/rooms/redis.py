@@ -38,9 +38,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service import logs
-from service.backplane import DropListener, Receiver, take_batch
 from service.config import redis_address
+from service.rooms.records import DropListener, Receiver, take_batch
+from service.telemetry import logs
 
 _log = logs.get_logger("service.redisbus")
 

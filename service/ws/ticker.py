@@ -4,7 +4,7 @@ Every event carries `ts`, the server's wall-clock time when the fan-out began, s
 measure fan-out latency as (receive time - ts). The event is encoded and framed once per tick,
 not once per subscriber: each subscriber gets the same `Tick`, the JSON text (long polls, and any
 socket that must go through Tornado's `write_message`) and the WebSocket frame of it, ready to be
-written as is (service.frames). With thousands of sockets, per-socket encoding and framing was
+written as is (service.ws.frames). With thousands of sockets, per-socket encoding and framing was
 most of a tick's cost (bench/broadcast.py measures it).
 
 The bus knows nothing of routes or metrics: whoever builds it passes `on_fanout`, told how many
@@ -21,7 +21,7 @@ from typing import NamedTuple
 import orjson
 from tornado.ioloop import PeriodicCallback
 
-from service.frames import text_frame
+from service.ws.frames import text_frame
 
 
 class Tick(NamedTuple):

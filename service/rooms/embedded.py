@@ -46,9 +46,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service import logs
-from service.backplane import BATCH_BYTES, DropListener, Receiver, take_batch
 from service.config import EMBEDDED_BUS_OVERHEAD, Settings
+from service.rooms.records import BATCH_BYTES, DropListener, Receiver, take_batch
+from service.telemetry import logs
 
 _log = logs.get_logger("service.localbus")
 

@@ -1,7 +1,7 @@
 """A worker's rooms joined to its backplane: publish, receive, and count both.
 
 `build` makes the one `Broadcast` of a worker, after the fork, from its settings: the embedded
-bus (service.localbus) when BROADCAST_URL is empty, Redis (service.redisbus) otherwise. The
+bus (service.rooms.embedded) when BROADCAST_URL is empty, Redis (service.rooms.redis) otherwise. The
 handlers (service.handlers.rooms) only ever talk to it:
 
 - `publish(room, data)`: refused at once while the backplane is down (503); else stamped with
@@ -10,7 +10,7 @@ handlers (service.handlers.rooms) only ever talk to it:
 - what the backplane brings in (`receive`) is delivered to this worker's members of the room,
   if it has any, and skipped without being decoded otherwise.
 
-This is the one module that counts rooms' metrics (service.bus_metrics): service.rooms and the
+This is the one module that counts rooms' metrics (service.rooms.metrics): service.rooms.members and the
 backplanes only report through callbacks, as the tick bus does.
 """
 
@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 from tornado.ioloop import PeriodicCallback
 
-from service import bus_metrics
-from service.backplane import Backplane, decode, encode
 from service.config import Settings
-from service.localbus import LocalBus
-from service.ratelimit import AddressBuckets, TokenBucket
-from service.redisbus import RedisBus
-from service.rooms import Delivery, Member, Rooms, room_class
+from service.rooms import metrics as rooms_metrics
+from service.rooms.embedded import LocalBus
+from service.rooms.members import Delivery, Member, Rooms, room_class
+from service.rooms.ratelimit import AddressBuckets, TokenBucket
+from service.rooms.records import Backplane, decode, encode
+from service.rooms.redis import RedisBus
 
 BACKPLANE_DOWN = "backplane_down"
 BACKPLANE_FULL = "backplane_full"
@@ -49,7 +49,7 @@ class Broadcast:
         self.address_buckets = AddressBuckets(self.rate, self.burst)
         self.on_sent = on_sent
         self.backplane: Backplane = self._backplane(settings)
-        self._latency = bus_metrics.BACKPLANE_LATENCY.labels(self.backplane.kind)
+        self._latency = rooms_metrics.BACKPLANE_LATENCY.labels(self.backplane.kind)
         self._sampler = PeriodicCallback(self._sample, 1000.0)
 
     def _backplane(self, settings: Settings) -> Backplane:
@@ -57,7 +57,7 @@ class Broadcast:
             return RedisBus(settings.broadcast_url, settings.broadcast_channel, self.receive,
                             on_drop=self._dropped("redis"), on_state=self._state("redis"))
         if not settings.broadcast_dir or settings.workers is None:
-            raise RuntimeError("the embedded bus needs BROADCAST_DIR and the worker count (localbus.prepare)")
+            raise RuntimeError("the embedded bus needs BROADCAST_DIR and the worker count (embedded.prepare)")
         return LocalBus(settings.broadcast_dir, self.worker_id, settings.workers, self.max_message_size,
                         self.receive, on_drop=self._dropped("embedded"), on_state=self._state("embedded"))
 
@@ -103,12 +103,12 @@ class Broadcast:
         if not self.backplane.send(encode(room, encoded, ts)):
             return self.reject(room, BACKPLANE_FULL)
         label = self.room_class(room)
-        bus_metrics.PUBLISHED.labels(label).inc()
+        rooms_metrics.PUBLISHED.labels(label).inc()
         self._count(label, self.rooms.deliver(room, data, ts))
         return None
 
     def reject(self, room: str, reason: str) -> str:
-        bus_metrics.REJECTED.labels(self.room_class(room), reason).inc()
+        rooms_metrics.REJECTED.labels(self.room_class(room), reason).inc()
         return reason
 
     def receive(self, buffer: memoryview) -> None:
@@ -124,30 +124,30 @@ class Broadcast:
             self._dropped(self.backplane.kind)("malformed", 1)
 
     def slow_subscriber(self, room: str) -> None:
-        bus_metrics.SLOW_SUBSCRIBERS.labels(self.room_class(room)).inc()
+        rooms_metrics.SLOW_SUBSCRIBERS.labels(self.room_class(room)).inc()
 
     # -- counting ----------------------------------------------------------------------------
     def _count(self, label: str, delivery: Delivery) -> None:
         reached = delivery.sockets + delivery.polls
         if reached:
-            bus_metrics.DELIVERED.labels(label).inc(reached)
+            rooms_metrics.DELIVERED.labels(label).inc(reached)
         if delivery.sockets:
             self.on_sent(delivery.sockets)
 
     def _dropped(self, kind: str) -> Callable[[str, int], None]:
         def dropped(reason: str, records: int) -> None:
-            bus_metrics.BACKPLANE_DROPPED.labels(kind, reason).inc(records)
+            rooms_metrics.BACKPLANE_DROPPED.labels(kind, reason).inc(records)
 
         return dropped
 
     def _state(self, kind: str) -> Callable[[bool], None]:
-        gauge = bus_metrics.BACKPLANE_UP.labels(self.worker_label, kind)
+        gauge = rooms_metrics.BACKPLANE_UP.labels(self.worker_label, kind)
         return lambda up: gauge.set(1 if up else 0)
 
     def _sample(self) -> None:
         rooms, members = self.rooms.size()
-        bus_metrics.ROOMS.labels(self.worker_label).set(rooms)
-        bus_metrics.MEMBERS.labels(self.worker_label).set(members)
+        rooms_metrics.ROOMS.labels(self.worker_label).set(rooms)
+        rooms_metrics.MEMBERS.labels(self.worker_label).set(members)
 
 
 def build_broadcast(

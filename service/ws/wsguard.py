@@ -38,8 +38,8 @@ from typing import Any
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketHandler, WebSocketProtocol, WebSocketProtocol13
 
-from service import logs
-from service.errors import ApiError, error_json
+from service.http.errors import ApiError, error_json
+from service.telemetry import logs
 
 _log = logs.get_logger("service.wsguard")
 

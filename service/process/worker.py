@@ -6,7 +6,7 @@ order (each step is what an operator expects from a rolling update):
 
 1. /readyz turns 503 and keep-alive is switched off, so each later response carries
    `Connection: close` and clients reconnect (to another pod, once the balancer has noticed);
-   the request counts so far are flushed to the metric files (service.metrics);
+   the request counts so far are flushed to the metric files (service.telemetry.metrics);
 2. after DRAIN_DELAY, this worker closes its listening sockets: once every holder has, new
    connections are refused;
 3. long polls get their answer now (204) and WebSockets get a close frame with 1001;
@@ -29,15 +29,16 @@ import psutil
 import uvloop
 from tornado.ioloop import PeriodicCallback
 
-from service import gcpolicy, logs, memguard, metrics
 from service.app import ServiceApp, count_chat_sent, count_ticks_sent
-from service.broadcast import Broadcast, build_broadcast
 from service.config import Settings
-from service.context import WorkerContext
-from service.looplag import LoopLagMonitor
-from service.server import LimitedHTTPServer, TrustedProxies
-from service.state import WorkerState
-from service.ticker import Ticker
+from service.http.context import WorkerContext
+from service.http.server import LimitedHTTPServer, TrustedProxies
+from service.http.state import WorkerState
+from service.process import gcpolicy, memguard
+from service.process.looplag import LoopLagMonitor
+from service.rooms.hub import Broadcast, build_broadcast
+from service.telemetry import logs, metrics
+from service.ws.ticker import Ticker
 
 GOING_AWAY = 1001
 NAME_PREFIX = "tornado-w"  # worker N is named tornado-wN (comm): for ps, top, and the supervisor
@@ -104,7 +105,7 @@ async def _serve(
     ticker = Ticker(settings.tick_interval, worker_id, on_fanout=count_ticks_sent)
     broadcast = build_broadcast(settings, worker_id, on_sent=count_chat_sent)  # rooms and their backplane
     context = WorkerContext(state, ticker, metrics.renderer(metrics_path), broadcast)
-    # Request counts are kept in plain Python and flushed into the metric files (service.metrics)
+    # Request counts are kept in plain Python and flushed into the metric files (service.telemetry.metrics)
     flusher = metrics.Flusher(metrics.HTTP_TOTALS, worker_id, flush_board)
     guard = memguard.MemoryGuard(settings.memory_shed_at, label)  # the cgroup's memory limit, if any
     server = LimitedHTTPServer(

@@ -3,7 +3,7 @@
 A room exists in a worker only while it has members there: WebSockets (`join`) and long polls
 waiting for its next message (`next_message`). A message that reaches the worker, from one of
 its own publishers or from the backplane, is encoded and framed once (`RoomMessage`: the JSON
-text and the WebSocket frame of it, service.frames), and every member is handed the same
+text and the WebSocket frame of it, service.ws.frames), and every member is handed the same
 object, as the tick bus hands every subscriber the same `Tick`: with thousands of members, the
 per-socket cost is one send(2) of bytes made once.
 
@@ -12,7 +12,7 @@ or poll is on, as its `X-Worker-Id` said), so a message is made once per worker,
 service; `ts` is the publisher's clock at the publish.
 
 Like the tick bus, this module knows nothing of routes, metrics or backplanes: its owner
-(service.broadcast) counts what `deliver` reports.
+(service.rooms.hub) counts what `deliver` reports.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import orjson
 
-from service.frames import text_frame
+from service.ws.frames import text_frame
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # the whole name must match (fullmatch)
 OTHER_CLASS = "other"

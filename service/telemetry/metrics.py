@@ -2,7 +2,7 @@
 
 prometheus-client's multiprocess mode: each process appends to its own files in
 PROMETHEUS_MULTIPROC_DIR, and `renderer` merges them when /metrics is scraped, in whichever
-worker answers. `service.metrics_dir` holds the directory's contract: this module may be imported
+worker answers. `service.telemetry.metrics_dir` holds the directory's contract: this module may be imported
 only once the directory is prepared, and only the supervisor marks a process dead. Gauges say how
 a dead worker's value is treated: `live*` modes drop it once it is marked dead; counters and
 histograms keep its history, so a restart does not make `rate()` jump backwards.
@@ -110,7 +110,7 @@ WORKER_MAX_FDS = Gauge(  # the other half of the ratio an alert watches: open / 
     ["worker"], multiprocess_mode="livemax",
 )
 
-# -- memory shedding (service.memguard), sampled every second by each worker that has a limit -----
+# -- memory shedding (service.process.memguard), sampled every second by each worker that has a limit -----
 MEMORY_USED = Gauge(
     "tornado_memory_working_set_bytes",
     "Working set (usage less inactive file cache) of the fullest memory-limited cgroup of the worker",
@@ -162,7 +162,7 @@ class RequestTotals:
         self._children: dict[RequestKey, tuple[Counter, Histogram]] = {}
 
     def add(self, method: str, handler: str, code: int, seconds: float) -> None:
-        """One finished request (the access observer does the same inline, see service.access)."""
+        """One finished request (the access observer does the same inline, see service.http.access)."""
         row = self.rows.get((method, handler, code))
         if row is None:
             row = self.rows[(method, handler, code)] = self.new_row()

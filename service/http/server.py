@@ -7,7 +7,7 @@ Should descriptors run out all the same (refusals lingering past the 256 of head
 flood, a limit lowered from outside, the system's ENFILE), accept() failing does not spin the
 worker: the listener rests for half a second at a time (`PausingAcceptor`).
 
-While memory is nearly full (service.memguard), a second cap, as low as the connections open
+While memory is nearly full (service.process.memguard), a second cap, as low as the connections open
 then, is refused the same way, with a body that says why.
 
 WebSockets count too: Tornado forgets a connection once it is upgraded, so the count is kept
@@ -39,8 +39,8 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream
 
-from service import logs
-from service.errors import error_json
+from service.http.errors import error_json
+from service.telemetry import logs
 
 _log = logs.get_logger("service.server")
 
@@ -319,9 +319,9 @@ class LimitedHTTPServer(HTTPServer):
         super().initialize(*args, **kwargs)  # without xheaders: start_request decides per peer
         self.refusal = refusal(identity or {})
         self.shed_refusal = refusal(identity or {}, "server low on memory")
-        self.memory_cap: int | None = None  # set by service.memguard while memory is over its mark
+        self.memory_cap: int | None = None  # set by service.process.memguard while memory is over its mark
         self.on_shed = on_shed
-        self.on_accept = on_accept  # service.memguard counts accepted connections, to look sooner
+        self.on_accept = on_accept  # service.process.memguard counts accepted connections, to look sooner
         self.trust_forwarded = trust_forwarded
         self.forwarded = ForwardedAddresses()
         self.max_connections = max_connections
@@ -347,7 +347,7 @@ class LimitedHTTPServer(HTTPServer):
         self.conn_params.no_keep_alive = True
 
     def shed(self, cap: int | None) -> None:
-        """A second, lower cap while memory is short (service.memguard), or None for none."""
+        """A second, lower cap while memory is short (service.process.memguard), or None for none."""
         self.memory_cap = cap
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.broadcast import Broadcast
-from service.state import WorkerState
-from service.ticker import Ticker
+from service.http.state import WorkerState
+from service.rooms.hub import Broadcast
+from service.ws.ticker import Ticker
 
 SETTING = "worker"  # the key of the context in Application.settings
 

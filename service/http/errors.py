@@ -1,7 +1,7 @@
 """The one shape of every error body the service writes: `{"error": <message>, "status": <code>}`.
 
 Handlers answer errors through Tornado's `write_error`, the connection cap answers its 503 before
-any handler exists (service/server.py): both build the body here, so a client parses one shape.
+any handler exists (service/http/server.py): both build the body here, so a client parses one shape.
 This module is a leaf: it imports nothing from the service.
 """
 

@@ -9,7 +9,7 @@ loop: a few small file reads, some 0.3 ms) and after every CHECK_EVERY connectio
 burst of thousands a second would otherwise overshoot by a second's worth), `MemoryGuard` reads
 how full the memory limits binding this process are, and when the fullest reaches MEMORY_SHED_AT
 of its limit, the worker holds no more connections than it has open then: every new one gets
-the same 503 as at MAX_CONNECTIONS (service/server.py; a WebSocket upgrade is a new connection
+the same 503 as at MAX_CONNECTIONS (service/http/server.py; a WebSocket upgrade is a new connection
 too), and those open are served as before.
 
 That second cap, not "refuse everything until memory falls", because memory does not fall: the
@@ -24,7 +24,7 @@ What is measured is the working set, as the kernel's OOM decision and the kubele
 less the inactive file cache, which the kernel reclaims before it kills anything (v1
 `memory.usage_in_bytes` less `total_inactive_file` of `memory.stat`; v2 `memory.current` less
 `inactive_file`). Every directory on the process's cgroup path that has a limit is read (a
-container's own cgroup, its pod's, as `service.cpus` walks them for the CPU quota), and the
+container's own cgroup, its pod's, as `service.process.cpus` walks them for the CPU quota), and the
 fullest decides. Both hierarchies are read: v2 at the mount root or, on a hybrid host, under
 `unified`, and v1's `memory` controller.
 
@@ -44,8 +44,8 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge
 from tornado.ioloop import PeriodicCallback
 
-from service import logs, metrics
-from service.cpus import CGROUP_ROOT, SELF_CGROUP, _cgroup_paths, _read, _up_from
+from service.process.cpus import CGROUP_ROOT, SELF_CGROUP, _cgroup_paths, _read, _up_from
+from service.telemetry import logs, metrics
 
 UNLIMITED = 1 << 62  # v1 writes "no limit" as the largest page count in bytes (9223372036854771712)
 RESUME_FRACTION = 0.98  # shedding stops below 98% of the mark (0.882 of the limit for a mark of 0.9)
@@ -154,7 +154,7 @@ class CgroupMemory:
 
 
 class Shedder(Protocol):
-    """The server, as the guard sees it (service.server.LimitedHTTPServer)."""
+    """The server, as the guard sees it (service.http.server.LimitedHTTPServer)."""
 
     def shed(self, cap: int | None) -> None: ...
 

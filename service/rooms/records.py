@@ -1,7 +1,7 @@
 """What crosses the backplane between workers, and what every backplane offers.
 
 A backplane carries each published message once to every worker that must deliver it: the
-embedded bus (service.localbus) to the other workers of this service, Redis (service.redisbus)
+embedded bus (service.rooms.embedded) to the other workers of this service, Redis (service.rooms.redis)
 to every worker of every instance. The worker that publishes delivers to its own members
 itself, at once; the backplane only ever carries a message to the others.
 
@@ -64,7 +64,7 @@ def take_batch(records: deque[bytes]) -> tuple[bytes, int]:
 
 
 class Backplane(Protocol):
-    """What service.broadcast needs of a backplane; both kinds are driven by the worker's loop."""
+    """What service.rooms.hub needs of a backplane; both kinds are driven by the worker's loop."""
 
     kind: str  # "embedded" or "redis": a metric label and a log field
 

@@ -5,8 +5,8 @@ switched off (ACCESS_LOG=false) for very high loads, except that server errors (
 always written, since those are the lines someone will look for.
 
 This runs once per request, so it is written for that: the counts go into the worker's plain
-Python totals (flushed into the metric files by the worker, see service.metrics), and the
-access line is one dict, in its documented field order, serialised once (service.logs).
+Python totals (flushed into the metric files by the worker, see service.telemetry.metrics), and the
+access line is one dict, in its documented field order, serialised once (service.telemetry.logs).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tornado.web import RequestHandler
 
-from service import logs, metrics
+from service.telemetry import logs, metrics
 
 if TYPE_CHECKING:
     from service.handlers.base import ServiceHandler

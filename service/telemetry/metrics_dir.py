@@ -48,8 +48,8 @@ def prepare(environ: MutableMapping[str, str] = os.environ) -> MetricsDirectory:
     if "prometheus_client" in sys.modules:
         raise RuntimeError(
             "prometheus_client was imported before the metrics directory was prepared: it would "
-            "count in this process only. Import service.metrics (or prometheus_client) only after "
-            "service.metrics_dir.prepare()."
+            "count in this process only. Import service.telemetry.metrics (or prometheus_client) only after "
+            "service.telemetry.metrics_dir.prepare()."
         )
     given = environ.get(ENV) or environ.get(ENV.lower())
     if given:

@@ -42,10 +42,13 @@ import psutil
 from tornado.netutil import bind_sockets
 from tornado.process import fork_processes
 
-from service import __version__, localbus, logs, metrics, worker
+from service import __version__
 from service.config import Settings, describe
-from service.cpus import cpu_budget
-from service.metrics_dir import MetricsDirectory
+from service.process import worker
+from service.process.cpus import cpu_budget
+from service.rooms import embedded
+from service.telemetry import logs, metrics
+from service.telemetry.metrics_dir import MetricsDirectory
 
 _log = logs.get_logger("service.supervisor")
 FD_RESERVE = 256  # descriptors a worker needs besides its connections (logs, metrics files, DNS...)
@@ -72,8 +75,8 @@ class Supervisor:
             _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
                        address=self.settings.address or "*", error=str(exc))
             return 1
-        try:  # the embedded bus's directory, made before the fork (service/localbus.py)
-            self.settings, bus_dir = localbus.prepare(self.settings, self.workers)
+        try:  # the embedded bus's directory, made before the fork (service/rooms/embedded.py)
+            self.settings, bus_dir = embedded.prepare(self.settings, self.workers)
         except OSError as exc:
             _log.error("cannot make the embedded bus's directory: check BROADCAST_DIR",
                        directory=self.settings.broadcast_dir, error=str(exc))

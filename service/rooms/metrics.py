@@ -1,6 +1,6 @@
-"""The metrics of rooms and their backplane (service.broadcast writes them, nothing else does).
+"""The metrics of rooms and their backplane (service.rooms.hub writes them, nothing else does).
 
-Kept apart from service.metrics, with the same rules: multiprocess values summed at scrape time,
+Kept apart from service.telemetry.metrics, with the same rules: multiprocess values summed at scrape time,
 every metric labelled (so importing this creates no file), imported only once the metrics
 directory is prepared. Labels are bounded: `room_class` is one of ROOM_CLASSES or `other`
 (never a room name: clients make those up), `backplane` is `embedded` or `redis`, `reason` one

@@ -1,0 +1,1 @@
+"""The process model: supervisor, workers, CPU and memory budgets, the loop's health."""

@@ -1,0 +1,1 @@
+"""Telemetry leaves: metrics, the metrics directory, structured logs (they import nothing back)."""

@@ -1,0 +1,1 @@
+"""WebSockets: protocol guard, prepared frames, pings, and the tick bus."""
