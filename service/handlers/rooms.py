@@ -29,7 +29,7 @@ from service.handlers.base import BaseHandler, ServiceHandler
 from service.handlers.sockets import TrackedSocket
 from service.handlers.work import POLL_DEFAULT_SECONDS, POLL_MAX_SECONDS, PollHandler
 from service.http.errors import ApiError, error_json
-from service.rooms.hub import RATE_LIMITED, TOO_LARGE, Broadcast
+from service.rooms.hub import RATE_LIMITED, TOO_LARGE, Hub
 from service.rooms.members import RoomMessage, valid_room
 from service.rooms.ratelimit import TokenBucket
 from service.telemetry import metrics
@@ -40,7 +40,7 @@ ROOM_RULE = "1-64 characters of A-Z, a-z, 0-9, '_', '.' and '-'"
 
 
 class RoomArgs(ServiceHandler):
-    """The `room` query parameter and the worker's Broadcast, for every rooms handler."""
+    """The `room` query parameter and the worker's Hub, for every rooms handler."""
 
     def room_arg(self) -> str:
         room = self.get_query_argument("room", None, strip=False)
@@ -51,11 +51,11 @@ class RoomArgs(ServiceHandler):
         return room
 
     @property
-    def broadcast(self) -> Broadcast:
-        broadcast = self.worker.broadcast
-        if broadcast is None:
+    def hub(self) -> Hub:
+        hub = self.worker.hub
+        if hub is None:
             raise ApiError(503, "rooms are not available in this worker")
-        return broadcast
+        return hub
 
 
 class Seat(NamedTuple):
@@ -75,13 +75,13 @@ class ChatSocket(RoomArgs, TrackedSocket):
     def prepare(self) -> None:
         super().prepare()  # a draining worker refuses the upgrade (503)
         room = self.room_arg()
-        self.seat = Seat(room, self.broadcast.new_bucket())
+        self.seat = Seat(room, self.hub.new_bucket())
 
     def open(self, *args: str, **kwargs: str) -> None:
         super().open()
         assert self.seat is not None
         push = self.push_frame if self.takes_prepared_frames() else self.push_text
-        self.broadcast.join(self.seat.room, push)
+        self.hub.join(self.seat.room, push)
 
     def push_frame(self, message: RoomMessage) -> None:
         self.send_prepared(message.frame)
@@ -92,7 +92,7 @@ class ChatSocket(RoomArgs, TrackedSocket):
 
     def _drop_slow_consumer(self) -> None:
         if self.seat is not None:
-            self.broadcast.slow_subscriber(self.seat.room)
+            self.hub.slow_subscriber(self.seat.room)
         super()._drop_slow_consumer()
 
     def on_message(self, message: str | bytes) -> None:
@@ -100,47 +100,47 @@ class ChatSocket(RoomArgs, TrackedSocket):
         connection = self.ws_connection
         if connection is None or connection.is_closing():
             return
-        seat, broadcast = self.seat, self.broadcast
+        seat, hub = self.seat, self.hub
         if seat is None:
             return
         if isinstance(message, bytes):
             self.close(UNSUPPORTED_DATA, "rooms carry text messages")
             return
         if not seat.bucket.take():
-            broadcast.reject(seat.room, RATE_LIMITED)
+            hub.reject(seat.room, RATE_LIMITED)
             self.close(RATE_LIMIT_CLOSE, "publish rate exceeded")
             return
-        refused = broadcast.publish(seat.room, message)
+        refused = hub.publish(seat.room, message)
         if refused is not None:
             self.send(orjson.dumps(
                 {"type": "error", "status": 503, "error": f"not published: {refused.replace('_', ' ')}"}
             ).decode())
 
     def on_close(self) -> None:
-        broadcast = self.worker.broadcast
-        if self.seat is not None and broadcast is not None:
-            broadcast.leave(self.seat.room, self.push_frame)
-            broadcast.leave(self.seat.room, self.push_text)
+        hub = self.worker.hub
+        if self.seat is not None and hub is not None:
+            hub.leave(self.seat.room, self.push_frame)
+            hub.leave(self.seat.room, self.push_text)
         super().on_close()
 
 
 class PublishHandler(RoomArgs, BaseHandler):
     def post(self) -> None:
-        broadcast = self.broadcast
+        hub = self.hub
         room = self.room_arg()
         data = self._data()
         size = len(data.encode())
-        if size > broadcast.max_message_size:
-            broadcast.reject(room, TOO_LARGE)
+        if size > hub.max_message_size:
+            hub.reject(room, TOO_LARGE)
             self._refuse(413, f"'data' is {size} bytes, more than WS_MAX_MESSAGE_SIZE "
-                              f"({broadcast.max_message_size})")
+                              f"({hub.max_message_size})")
             return
-        allowed, wait = broadcast.address_buckets.take(self.request.remote_ip or "")
+        allowed, wait = hub.address_buckets.take(self.request.remote_ip or "")
         if not allowed:
-            broadcast.reject(room, RATE_LIMITED)
+            hub.reject(room, RATE_LIMITED)
             self._refuse(429, "publish rate exceeded", retry_after=wait)
             return
-        refused = broadcast.publish(room, data)
+        refused = hub.publish(room, data)
         if refused is not None:
             self._refuse(503, f"not published: {refused.replace('_', ' ')}", retry_after=1.0)
             return
@@ -174,5 +174,5 @@ class RoomPollHandler(RoomArgs, PollHandler):
             return
         room = self.room_arg()
         timeout = self.seconds_arg("timeout", 0.0, POLL_MAX_SECONDS, POLL_DEFAULT_SECONDS)
-        broadcast = self.broadcast
-        await self.answer_next(lambda: broadcast.next_message(room), timeout)
+        hub = self.hub
+        await self.answer_next(lambda: hub.next_message(room), timeout)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.http.state import WorkerState
-from service.rooms.hub import Broadcast
+from service.rooms.hub import Hub
 from service.ws.ticker import Ticker
 
 SETTING = "worker"  # the key of the context in Application.settings
@@ -25,4 +25,4 @@ class WorkerContext:
     state: WorkerState
     ticker: Ticker
     render_metrics: MetricsRenderer
-    broadcast: Broadcast | None = None  # rooms and their backplane (None: the rooms' routes answer 503)
+    hub: Hub | None = None  # rooms and their backplane (None: the rooms' routes answer 503)

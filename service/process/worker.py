@@ -36,7 +36,7 @@ from service.http.server import LimitedHTTPServer, TrustedProxies
 from service.http.state import WorkerState
 from service.process import gcpolicy, memguard
 from service.process.looplag import LoopLagMonitor
-from service.rooms.hub import Broadcast, build_broadcast
+from service.rooms.hub import Hub, build_hub
 from service.telemetry import logs, metrics
 from service.ws.ticker import Ticker
 
@@ -103,8 +103,8 @@ async def _serve(
     state = WorkerState(worker_id)
     label = state.worker_id_header  # the `worker` label of every per-worker metric
     ticker = Ticker(settings.tick_interval, worker_id, on_fanout=count_ticks_sent)
-    broadcast = build_broadcast(settings, worker_id, on_sent=count_chat_sent)  # rooms and their backplane
-    context = WorkerContext(state, ticker, metrics.renderer(metrics_path), broadcast)
+    hub = build_hub(settings, worker_id, on_sent=count_chat_sent)  # rooms and their backplane
+    context = WorkerContext(state, ticker, metrics.renderer(metrics_path), hub)
     # Request counts are kept in plain Python and flushed into the metric files (service.telemetry.metrics)
     flusher = metrics.Flusher(metrics.HTTP_TOTALS, worker_id, flush_board)
     guard = memguard.MemoryGuard(settings.memory_shed_at, label)  # the cgroup's memory limit, if any
@@ -150,7 +150,7 @@ async def _serve(
     lag.start()
     flusher.start()
     ticker.start()
-    broadcast.start()  # never waits for Redis: publishes get 503 until it is there
+    hub.start()  # never waits for Redis: publishes get 503 until it is there
     guard.start(server)  # once a second: over MEMORY_SHED_AT, no more connections than open then
     metrics.WORKERS_ALIVE.labels(label).set(1)
     metrics.MAX_CONNECTIONS.labels(label).set(settings.max_connections)  # as fitted to the fd limit
@@ -159,8 +159,8 @@ async def _serve(
     _log.info("worker started", connections_cap=settings.max_connections)
 
     await stop.wait()
-    await drain(server, state, ticker, settings, reason[0], flusher, broadcast)
-    await broadcast.stop()
+    await drain(server, state, ticker, settings, reason[0], flusher, hub)
+    await hub.stop()
     housekeeper.stop()
     guard.stop()
     lag.stop()
@@ -174,7 +174,7 @@ async def _serve(
 
 async def drain(
     server: LimitedHTTPServer, state: WorkerState, ticker: Ticker, settings: Settings, reason: str,
-    flusher: metrics.Flusher | None = None, broadcast: Broadcast | None = None,
+    flusher: metrics.Flusher | None = None, hub: Hub | None = None,
 ) -> None:
     started = time.monotonic()
     deadline = started + drain_budget(settings.shutdown_grace)
@@ -187,7 +187,7 @@ async def drain(
         await asyncio.sleep(settings.drain_delay)
     server.stop()
     ticker.stop()
-    polls = ticker.release_waiters() + (broadcast.release_waiters() if broadcast is not None else 0)
+    polls = ticker.release_waiters() + (hub.release_waiters() if hub is not None else 0)
     sockets = state.close_websockets(GOING_AWAY, "server shutting down")
     while state.busy and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

@@ -63,7 +63,7 @@ def socket_path(directory: str | Path, worker_id: int) -> str:
 
 
 @dataclass(frozen=True)
-class BusDirectory:
+class SocketDirectory:
     """Where the embedded bus's sockets live; the supervisor removes it (or its sockets) at exit."""
 
     path: Path | None  # None: the backplane is Redis, no directory
@@ -79,7 +79,7 @@ class BusDirectory:
             stale.unlink(missing_ok=True)
 
 
-def prepare(settings: Settings, workers: int) -> tuple[Settings, BusDirectory]:
+def prepare(settings: Settings, workers: int) -> tuple[Settings, SocketDirectory]:
     """In the supervisor, before the fork: the directory, and settings that name it and the pool size.
 
     Every worker reads both from its settings: where its peers' sockets are, and how many peers
@@ -87,14 +87,14 @@ def prepare(settings: Settings, workers: int) -> tuple[Settings, BusDirectory]:
     """
     settings = dataclasses.replace(settings, workers=workers)
     if settings.broadcast_url:
-        return settings, BusDirectory(None, owned=False)
+        return settings, SocketDirectory(None, owned=False)
     if settings.broadcast_dir:
         path = Path(settings.broadcast_dir)
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory = BusDirectory(path, owned=False)
+        directory = SocketDirectory(path, owned=False)
         directory.remove()  # a previous run's sockets
     else:
-        directory = BusDirectory(Path(tempfile.mkdtemp(prefix="tornado-service-bus-")), owned=True)
+        directory = SocketDirectory(Path(tempfile.mkdtemp(prefix="tornado-service-bus-")), owned=True)
     return dataclasses.replace(settings, broadcast_dir=str(directory.path)), directory
 
 
@@ -203,7 +203,7 @@ class Peer:
         self._lost(None)
 
 
-class LocalBus:
+class EmbeddedBackplane:
     """The embedded backplane of one worker: its own socket to read, and one `Peer` per other worker."""
 
     kind = "embedded"

@@ -1,6 +1,6 @@
 """A worker's rooms joined to its backplane: publish, receive, and count both.
 
-`build` makes the one `Broadcast` of a worker, after the fork, from its settings: the embedded
+`build` makes the one `Hub` of a worker, after the fork, from its settings: the embedded
 bus (service.rooms.embedded) when BROADCAST_URL is empty, Redis (service.rooms.redis) otherwise. The
 handlers (service.handlers.rooms) only ever talk to it:
 
@@ -24,11 +24,11 @@ from tornado.ioloop import PeriodicCallback
 
 from service.config import Settings
 from service.rooms import metrics as rooms_metrics
-from service.rooms.embedded import LocalBus
+from service.rooms.embedded import EmbeddedBackplane
 from service.rooms.members import Delivery, Member, Rooms, room_class
 from service.rooms.ratelimit import AddressBuckets, TokenBucket
 from service.rooms.records import Backplane, decode, encode
-from service.rooms.redis import RedisBus
+from service.rooms.redis import RedisBackplane
 
 BACKPLANE_DOWN = "backplane_down"
 BACKPLANE_FULL = "backplane_full"
@@ -36,7 +36,7 @@ RATE_LIMITED = "rate_limited"
 TOO_LARGE = "too_large"
 
 
-class Broadcast:
+class Hub:
     def __init__(
         self, settings: Settings, worker_id: int, on_sent: Callable[[int], None] = lambda _: None
     ) -> None:
@@ -54,12 +54,14 @@ class Broadcast:
 
     def _backplane(self, settings: Settings) -> Backplane:
         if settings.broadcast_url:
-            return RedisBus(settings.broadcast_url, settings.broadcast_channel, self.receive,
+            return RedisBackplane(settings.broadcast_url, settings.broadcast_channel, self.receive,
                             on_drop=self._dropped("redis"), on_state=self._state("redis"))
         if not settings.broadcast_dir or settings.workers is None:
             raise RuntimeError("the embedded bus needs BROADCAST_DIR and the worker count (embedded.prepare)")
-        return LocalBus(settings.broadcast_dir, self.worker_id, settings.workers, self.max_message_size,
-                        self.receive, on_drop=self._dropped("embedded"), on_state=self._state("embedded"))
+        return EmbeddedBackplane(
+            settings.broadcast_dir, self.worker_id, settings.workers, self.max_message_size,
+            self.receive, on_drop=self._dropped("embedded"), on_state=self._state("embedded"),
+        )
 
     # -- life --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -150,8 +152,8 @@ class Broadcast:
         rooms_metrics.MEMBERS.labels(self.worker_label).set(members)
 
 
-def build_broadcast(
+def build_hub(
     settings: Settings, worker_id: int, on_sent: Callable[[int], None] = lambda _: None
-) -> Broadcast:
-    """The worker's Broadcast (after the fork: the backplane's sockets are this process's own)."""
-    return Broadcast(settings, worker_id, on_sent)
+) -> Hub:
+    """The worker's Hub (after the fork: the backplane's sockets are this process's own)."""
+    return Hub(settings, worker_id, on_sent)

@@ -54,7 +54,7 @@ QUEUE_RECORDS = 10_000  # records waiting for the publisher, at most: beyond, pu
 QUEUE_BYTES = 16 * 1024 * 1024
 
 
-class RedisBus:
+class RedisBackplane:
     kind = "redis"
 
     def __init__(
