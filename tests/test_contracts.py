@@ -19,7 +19,7 @@ from service.process.supervisor import TornadoChildReports
 SERVICE = ROOT / "service"
 LEAVES = ("service.telemetry.metrics", "service.telemetry.metrics_dir", "service.telemetry.logs",
           "service.http.state", "service.http.errors", "service.http.requestid", "service.process.cpus",
-          "service.config")
+          "service.process.cgroup", "service.rooms.records", "service.config")
 
 
 def module_name(path: Path) -> str:
@@ -126,7 +126,7 @@ def test_tornado_clear_resets_what_service_handler_clear_resets() -> None:
 
 
 def test_tornado_requests_take_the_client_from_the_connection_context() -> None:
-    """service.http.server.ForwardedHeaders sets `remote_ip` and `protocol` on the connection's context
+    """service.http.forwarded.ForwardedHeaders sets `remote_ip` and `protocol` on the connection's context
     before the request is made, as Tornado's own xheaders does; the request copies them."""
     from tornado import httpserver, httputil
 

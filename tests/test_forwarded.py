@@ -3,7 +3,7 @@
 Anyone who reaches the service's port can send X-Forwarded-For or X-Real-IP; believed from
 anyone, they let a client choose the address that is logged (and that any rate limit or audit
 trail would use). These run the real service and read its access lines. They also prove what
-service/http/server.py's `ForwardedHeaders` does in place of Tornado's xheaders (whose private
+service/http/forwarded.py's `ForwardedHeaders` does in place of Tornado's xheaders (whose private
 context attributes tests/test_contracts.py pins): a trusted peer's X-Real-IP or X-Forwarded-For
 is applied when it is an address, and nothing leaks to the next request on the same connection.
 """

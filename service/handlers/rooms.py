@@ -26,8 +26,8 @@ from tornado.httputil import HTTPServerRequest
 from tornado.web import Application
 
 from service.handlers.base import BaseHandler, ServiceHandler
+from service.handlers.poll import POLL_DEFAULT_SECONDS, POLL_MAX_SECONDS, PollHandler
 from service.handlers.sockets import TrackedSocket
-from service.handlers.work import POLL_DEFAULT_SECONDS, POLL_MAX_SECONDS, PollHandler
 from service.http.errors import ApiError, error_json
 from service.rooms.hub import RATE_LIMITED, TOO_LARGE, Hub
 from service.rooms.members import RoomMessage, valid_room

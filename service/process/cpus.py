@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-SELF_CGROUP = Path("/proc/self/cgroup")
+from service.process.cgroup import CGROUP_ROOT, SELF_CGROUP, controller_paths, read, up_from
 
 
 @dataclass(frozen=True)
@@ -30,42 +28,6 @@ class CpuBudget:
     quota: float | None
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _cgroup_paths(self_cgroup: Path) -> dict[str, str]:
-    """Map each controller in /proc/self/cgroup to its path; the v2 unified entry is keyed ''."""
-    paths: dict[str, str] = {}
-    for line in (_read(self_cgroup) or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, controllers, path = parts
-        for name in controllers.split(",") if controllers else [""]:
-            paths[name] = path
-    return paths
-
-
-def _up_from(mount: Path, path: str) -> Iterator[Path]:
-    """The cgroup directory of this process under `mount`, then each parent up to `mount`.
-
-    Inside a container the cgroup namespace (or a bind mount) makes `mount` itself the
-    container's cgroup, while /proc/self/cgroup may still show the host's path; walking up
-    covers both, and a limit set on any ancestor binds this process too.
-    """
-    rel = Path(path.lstrip("/"))
-    seen = set()
-    for candidate in [rel, *rel.parents]:
-        directory = mount / candidate
-        if directory not in seen:
-            seen.add(directory)
-            yield directory
-
-
 def _ratio(quota_text: str | None, period_text: str | None) -> float | None:
     """quota/period in CPUs; None for "max", -1, or anything unreadable (no limit known)."""
     try:
@@ -76,20 +38,20 @@ def _ratio(quota_text: str | None, period_text: str | None) -> float | None:
 
 
 def _v2_quota(directory: Path) -> float | None:
-    fields = (_read(directory / "cpu.max") or "").split()
+    fields = (read(directory / "cpu.max") or "").split()
     return _ratio(*fields) if len(fields) == 2 else None
 
 
 def _v1_quota(directory: Path) -> float | None:
-    return _ratio(_read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us"))
+    return _ratio(read(directory / "cpu.cfs_quota_us"), read(directory / "cpu.cfs_period_us"))
 
 
 def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> tuple[float, str] | None:
     """The tightest CPU quota on this process's cgroup path as (CPUs, where it was found), or None."""
-    paths = _cgroup_paths(self_cgroup)
+    paths = controller_paths(self_cgroup)
     found: list[tuple[float, str]] = []
     if "" in paths:  # cgroup v2 (unified) or the v2 part of a hybrid host
-        for directory in _up_from(root, paths[""]):
+        for directory in up_from(root, paths[""]):
             quota = _v2_quota(directory)
             if quota is not None:
                 found.append((quota, f"cgroup v2 {directory / 'cpu.max'}"))
@@ -98,7 +60,7 @@ def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> t
             mount = root / mount_name
             if not mount.is_dir():
                 continue
-            for directory in _up_from(mount, paths["cpu"]):
+            for directory in up_from(mount, paths["cpu"]):
                 quota = _v1_quota(directory)
                 if quota is not None:
                     found.append((quota, f"cgroup v1 {directory / 'cpu.cfs_quota_us'}"))

@@ -24,7 +24,7 @@ What is measured is the working set, as the kernel's OOM decision and the kubele
 less the inactive file cache, which the kernel reclaims before it kills anything (v1
 `memory.usage_in_bytes` less `total_inactive_file` of `memory.stat`; v2 `memory.current` less
 `inactive_file`). Every directory on the process's cgroup path that has a limit is read (a
-container's own cgroup, its pod's, as `service.process.cpus` walks them for the CPU quota), and the
+container's own cgroup, its pod's, as `service.process.cgroup` walks them for the CPU quota), and the
 fullest decides. Both hierarchies are read: v2 at the mount root or, on a hybrid host, under
 `unified`, and v1's `memory` controller.
 
@@ -44,7 +44,7 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge
 from tornado.ioloop import PeriodicCallback
 
-from service.process.cpus import CGROUP_ROOT, SELF_CGROUP, _cgroup_paths, _read, _up_from
+from service.process.cgroup import CGROUP_ROOT, SELF_CGROUP, controller_paths, read, up_from
 from service.telemetry import logs, metrics
 
 UNLIMITED = 1 << 62  # v1 writes "no limit" as the largest page count in bytes (9223372036854771712)
@@ -106,15 +106,15 @@ class CgroupMemory:
     @classmethod
     def of_this_process(cls, root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> CgroupMemory:
         """Every cgroup directory on this process's path that has a memory limit file, v2 and v1."""
-        paths = _cgroup_paths(self_cgroup)
+        paths = controller_paths(self_cgroup)
         files: list[_Files] = []
         if "" in paths:  # v2: the whole mount (unified) or, on a hybrid host, its `unified` part
             for mount in (root, root / "unified"):
-                for directory in _up_from(mount, paths[""]):
+                for directory in up_from(mount, paths[""]):
                     if (directory / "memory.max").is_file():
                         files.append(_Files(directory, 2, "memory.max", "memory.current", "inactive_file"))
         if "memory" in paths:  # v1: the memory controller's own mount
-            for directory in _up_from(root / "memory", paths["memory"]):
+            for directory in up_from(root / "memory", paths["memory"]):
                 if (directory / "memory.limit_in_bytes").is_file():
                     files.append(
                         _Files(
@@ -131,7 +131,7 @@ class CgroupMemory:
         """(limit in bytes, where) for each directory that is limited now."""
         found = []
         for files in self.files:
-            limit = _number(_read(files.directory / files.limit))
+            limit = _number(read(files.directory / files.limit))
             if limit is not None and 0 < limit < UNLIMITED:
                 found.append((limit, files.name))
         return found
@@ -140,13 +140,13 @@ class CgroupMemory:
         """The fullest limited cgroup on the path now, or None when none is limited (or readable)."""
         fullest: MemoryReading | None = None
         for files in self.files:
-            limit = _number(_read(files.directory / files.limit))
+            limit = _number(read(files.directory / files.limit))
             if limit is None or not 0 < limit < UNLIMITED:
                 continue
-            usage = _number(_read(files.directory / files.usage))
+            usage = _number(read(files.directory / files.usage))
             if usage is None:
                 continue
-            inactive = _stat(_read(files.directory / "memory.stat"), files.inactive_file)
+            inactive = _stat(read(files.directory / "memory.stat"), files.inactive_file)
             reading = MemoryReading(max(0, usage - inactive), limit, files.name)
             if fullest is None or reading.fraction > fullest.fraction:
                 fullest = reading

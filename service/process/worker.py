@@ -32,7 +32,8 @@ from tornado.ioloop import PeriodicCallback
 from service.app import ServiceApp, count_chat_sent, count_ticks_sent
 from service.config import Settings
 from service.http.context import WorkerContext
-from service.http.server import LimitedHTTPServer, TrustedProxies
+from service.http.forwarded import TrustedProxies
+from service.http.server import LimitedHTTPServer
 from service.http.state import WorkerState
 from service.process import gcpolicy, memguard
 from service.process.looplag import LoopLagMonitor
