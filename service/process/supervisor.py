@@ -75,10 +75,10 @@ class Supervisor:
             _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
                        address=self.settings.address or "*", error=str(exc))
             return 1
-        try:  # the embedded bus's directory, made before the fork (service/rooms/embedded.py)
+        try:  # the embedded backplane's directory, made before the fork (service/rooms/embedded.py)
             self.settings, bus_dir = embedded.prepare(self.settings, self.workers)
         except OSError as exc:
-            _log.error("cannot make the embedded bus's directory: check BROADCAST_DIR",
+            _log.error("cannot make the embedded backplane's directory: check BROADCAST_DIR",
                        directory=self.settings.broadcast_dir, error=str(exc))
             return 1
         try:

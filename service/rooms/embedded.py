@@ -64,7 +64,7 @@ def socket_path(directory: str | Path, worker_id: int) -> str:
 
 @dataclass(frozen=True)
 class SocketDirectory:
-    """Where the embedded bus's sockets live; the supervisor removes it (or its sockets) at exit."""
+    """Where the embedded backplane's sockets live; the supervisor removes it (or its sockets) at exit."""
 
     path: Path | None  # None: the backplane is Redis, no directory
     owned: bool  # made by `prepare`, so removed whole

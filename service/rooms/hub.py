@@ -57,7 +57,9 @@ class Hub:
             return RedisBackplane(settings.broadcast_url, settings.broadcast_channel, self.receive,
                             on_drop=self._dropped("redis"), on_state=self._state("redis"))
         if not settings.broadcast_dir or settings.workers is None:
-            raise RuntimeError("the embedded bus needs BROADCAST_DIR and the worker count (embedded.prepare)")
+            raise RuntimeError(
+                "the embedded backplane needs BROADCAST_DIR and the worker count (embedded.prepare)"
+            )
         return EmbeddedBackplane(
             settings.broadcast_dir, self.worker_id, settings.workers, self.max_message_size,
             self.receive, on_drop=self._dropped("embedded"), on_state=self._state("embedded"),

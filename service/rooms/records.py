@@ -1,8 +1,8 @@
 """What crosses the backplane between workers, and what every backplane offers.
 
 A backplane carries each published message once to every worker that must deliver it: the
-embedded bus (service.rooms.embedded) to the other workers of this service, Redis (service.rooms.redis)
-to every worker of every instance. The worker that publishes delivers to its own members
+embedded backplane (service.rooms.embedded) to the other workers of this service, Redis
+(service.rooms.redis) to every worker of every instance. The worker that publishes delivers to its own members
 itself, at once; the backplane only ever carries a message to the others.
 
 On the wire a message is one record: its publish time, its room and its data, the data as the

@@ -1,6 +1,6 @@
 """WebSocket frames made once and written to many sockets (RFC 6455, section 5.2).
 
-Tornado's `write_message` encodes, frames and schedules a task per call, so a broadcast to N
+Tornado's `write_message` encodes, frames and schedules a task per call, so a fan-out to N
 sockets does that N times for the same bytes. A server's frame depends only on the payload (the
 server never masks), so the tick bus builds it once and every socket gets the same `bytes`.
 
