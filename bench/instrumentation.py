@@ -25,8 +25,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from loadtests.harness import processes  # noqa: E402  (the tree's root, for a script run from bench/)
+from loadtests.harness.ports import free_port  # noqa: E402
 
 # What Nginx sends upstream for every request (nginx/nginx.conf.template, `proxy_set_header`), with
 # the values a client at 203.0.113.7 gets over plain HTTP; the request id is one Nginx would make.
@@ -83,12 +85,6 @@ def baseline(variant: Variant) -> Variant:
     return next(v for v in VARIANTS if v.bare and v.proxy_headers == variant.proxy_headers)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Server:
     """One variant's server process, started in a session of its own so that stopping reaches its workers."""
 
@@ -96,12 +92,10 @@ class Server:
         self.variant = variant
         self.log = log
         self.port = free_port()
-        with log.open("ab") as out:  # logs go to a file, as in production
-            self.proc = subprocess.Popen(
-                [*variant.command, "--port", str(self.port), "--workers", str(workers)],
-                cwd=ROOT, env={**os.environ, **variant.env}, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = processes.spawn(  # logs go to a file, as in production
+            [*variant.command, "--port", str(self.port), "--workers", str(workers)],
+            output=log, cwd=ROOT, env={**os.environ, **variant.env},
+        )
 
     @property
     def url(self) -> str:
@@ -119,13 +113,7 @@ class Server:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        processes.stop(self.proc, grace=20, whole_group=True)
 
 
 @contextlib.contextmanager

@@ -39,9 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
-from instrumentation import free_port, wrk  # noqa: E402  (bench/ is this script's own folder)
+from instrumentation import wrk  # noqa: E402  (bench/ is this script's own folder)
 
-from deploy.stack import nginx_command, render_nginx, self_signed  # noqa: E402
+from loadtests.harness import processes  # noqa: E402
+from loadtests.harness.nginx import nginx_command, render_nginx, self_signed  # noqa: E402
+from loadtests.harness.ports import free_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -65,16 +67,6 @@ RATIOS = (  # (what, numerator, denominator)
 )
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -94,34 +86,32 @@ def stack(variant: Variant, work: Path) -> Iterator[str]:
     port = free_port()
     procs: list[tuple[subprocess.Popen[bytes], int]] = []
     try:
-        with log.open("ab") as out:
-            service = subprocess.Popen(
-                [sys.executable, "-m", "service", "--address", "127.0.0.1", "--port", str(port),
-                 "--workers", str(variant.workers)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        service = processes.spawn(
+            [sys.executable, "-m", "service", "--address", "127.0.0.1", "--port", str(port),
+             "--workers", str(variant.workers)],
+            output=log, cwd=ROOT,
+        )
+        procs.append((service, signal.SIGTERM))
+        url = f"http://127.0.0.1:{port}"
+        if variant.nginx:
+            cert, key = self_signed(work / "tls")
+            http_port = free_port()
+            folder = work / f"nginx-{variant.workers}"
+            conf = render_nginx(
+                folder / "nginx.conf", folder / "run",
+                UPSTREAM=f"127.0.0.1:{port}", LISTEN_ADDRESS="127.0.0.1", HTTP_PORT=str(http_port),
+                TLS_PORT=str(free_port()), STATUS_PORT=str(free_port()), TLS_CERT=str(cert),
+                TLS_KEY=str(key), WORKER_PROCESSES=str(variant.workers),
+                ACCESS_LOG=str(work / f"nginx-access-{variant.workers}.log"),
             )
-            procs.append((service, signal.SIGTERM))
-            url = f"http://127.0.0.1:{port}"
-            if variant.nginx:
-                cert, key = self_signed(work / "tls")
-                http_port = free_port()
-                folder = work / f"nginx-{variant.workers}"
-                conf = render_nginx(
-                    folder / "nginx.conf", folder / "run",
-                    UPSTREAM=f"127.0.0.1:{port}", LISTEN_ADDRESS="127.0.0.1", HTTP_PORT=str(http_port),
-                    TLS_PORT=str(free_port()), STATUS_PORT=str(free_port()), TLS_CERT=str(cert),
-                    TLS_KEY=str(key), WORKER_PROCESSES=str(variant.workers),
-                    ACCESS_LOG=str(work / f"nginx-access-{variant.workers}.log"),
-                )
-                nginx = subprocess.Popen(nginx_command(conf, error_log=str(log)), stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-                procs.append((nginx, signal.SIGQUIT))
-                url = f"http://127.0.0.1:{http_port}"
+            nginx = processes.spawn(nginx_command(conf, error_log=str(log)), output=log)
+            procs.append((nginx, signal.SIGQUIT))
+            url = f"http://127.0.0.1:{http_port}"
         _wait_ready(url + "/api/hello", [p for p, _ in procs], log)
         yield url
     finally:
         for proc, sig in reversed(procs):
-            _stop(proc, sig)
+            processes.stop(proc, sig, grace=20, whole_group=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from deploy.stack import REDIS_FLAGS
+from deploy.redisconf import REDIS_FLAGS
 from nginx import render as nginx_render
 
 ROOT = Path(__file__).resolve().parent.parent

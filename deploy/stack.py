@@ -21,67 +21,26 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from loadtests.harness.nginx import nginx_command, render_nginx, self_signed
+from loadtests.harness.ports import port_open
+from loadtests.harness.processes import spawn
+from loadtests.harness.prometheus import prometheus_command, prometheus_config
+from loadtests.harness.redis import redis_command
 from nginx import render as nginx_render
 from service.config import redis_address
 
 ROOT = Path(__file__).resolve().parent.parent
 # The same recording rules and alerts as deploy/compose.yaml's Prometheus (one source).
 RULE_FILES = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
-
-
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for localhost and 127.0.0.1, made once and reused."""
-    cert, key = directory / "tls.crt", directory / "tls.key"
-    if not (cert.exists() and key.exists()):
-        directory.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-             "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1"],
-            check=True, capture_output=True,
-        )
-    return cert, key
-
-
-def render_nginx(path: Path, run_dir: Path, **settings: str) -> Path:
-    """nginx.conf for this machine, from nginx/nginx.conf.template."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    values = nginx_render.values({"RUN_DIR": str(run_dir), **settings}, {})
-    path.write_text(nginx_render.render(nginx_render.TEMPLATE.read_text(), values))
-    return path
-
-
-def nginx_command(conf: Path, error_log: Path | str = "/dev/stderr") -> list[str]:
-    """Nginx in the foreground on `conf`, its prefix beside it (no file of /etc/nginx is used)."""
-    return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-e", str(error_log), "-g", "daemon off;"]
-
-
-def prometheus_config(jobs: dict[str, str], interval: str = "5s", rule_files: Sequence[Path] = ()) -> str:
-    """prometheus.yml with one job per target; the service is scraped directly, never via Nginx."""
-    lines = ["global:", f"  scrape_interval: {interval}", f"  evaluation_interval: {interval}"]
-    if rule_files:
-        lines += ["rule_files:", *(f"  - '{path}'" for path in rule_files)]
-    lines.append("scrape_configs:")
-    for job, target in jobs.items():
-        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: ['{target}']"]
-    return "\n".join(lines) + "\n"
-
-
-def prometheus_command(config: Path, data: Path, listen: str) -> list[str]:
-    return ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={data}",
-            f"--web.listen-address={listen}", "--storage.tsdb.retention.time=2d", "--log.level=warn"]
 
 
 def broadcast_url(service_args: Sequence[str], environ: Mapping[str, str]) -> str:
@@ -102,28 +61,6 @@ def local_redis_port(url: str) -> int | None:
     return port if host in ("127.0.0.1", "localhost", "::1") else None
 
 
-# Redis for pub/sub only: no snapshots, no append-only file (deploy/k8s.py runs it the same way).
-REDIS_FLAGS = ("--save", "", "--appendonly", "no")
-
-
-def redis_command(port: int, directory: Path) -> list[str]:
-    """Debian's redis-server on loopback, in the foreground, nothing written to disk."""
-    return ["redis-server", "--port", str(port), "--bind", "127.0.0.1", *REDIS_FLAGS, "--dir", str(directory)]
-
-
-def port_open(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Wait until 127.0.0.1:port accepts a connection; False once `alive()` fails or time runs out."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            if not alive() or time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-
-
 @dataclass
 class Component:
     name: str
@@ -135,10 +72,7 @@ class Component:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, cwd: Path) -> None:
-        self.proc = subprocess.Popen(
-            self.command, cwd=cwd, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.proc = spawn(self.command, output=subprocess.PIPE, cwd=cwd, env={**os.environ, **self.env})
         threading.Thread(target=self._follow, daemon=True).start()
 
     def wait_ready(self, timeout: float = 30.0) -> bool:

@@ -1,6 +1,6 @@
 """Real Nginx and real Prometheus in front of and behind the real service, for tests.
 
-Configuration comes from the same code `make stack` uses (deploy/stack.py, nginx/render.py),
+Configuration comes from the same code `make stack` uses (loadtests/harness, nginx/render.py),
 so what is tested is what is shipped.
 """
 
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import signal
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -21,43 +19,15 @@ from typing import Any
 
 from conftest import require_tool
 
-from deploy import stack
+from loadtests.harness import processes
+from loadtests.harness.nginx import nginx_command, render_nginx, self_signed
+from loadtests.harness.ports import free_port, port_open
+from loadtests.harness.prometheus import prometheus_command, prometheus_config
 
-_handed_out: set[int] = set()
-
-
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port() -> int:
-    """A port nothing listens on, for a server a test starts a moment later.
-
-    Not a port the kernel picked (port 0): those come from the ephemeral range, where any
-    outgoing connection (a load generator's, Nginx's to its upstream) may take it before the
-    server binds it. Below that range only a listener can take a port, and none is handed out
-    twice in one test run.
-    """
-    low = _ephemeral_low()
-    for _ in range(2000):
-        port = random.randrange(10_000, low)
-        if port in _handed_out:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free port between 10000 and {low}")
-
+__all__ = ["Nginx", "Prometheus", "free_port", "query", "wait_for_port", "wait_for_query"]
 
 def wait_for_port(port: int, timeout: float = 15.0) -> None:
-    if not stack.port_open(port, timeout):
+    if not port_open(port, timeout):
         raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
@@ -69,8 +39,8 @@ class Nginx:
         self.http_port, self.tls_port, self.status_port = free_port(), free_port(), free_port()
         self.access_log = workdir / "access.log"
         self.error_log = workdir / "error.log"
-        cert, key = stack.self_signed(workdir / "tls")
-        self.conf = stack.render_nginx(
+        cert, key = self_signed(workdir / "tls")
+        self.conf = render_nginx(
             workdir / "nginx.conf", workdir / "run",
             UPSTREAM=settings.pop("UPSTREAM", f"127.0.0.1:{upstream_port}"), LISTEN_ADDRESS="127.0.0.1",
             HTTP_PORT=str(self.http_port), TLS_PORT=str(self.tls_port), STATUS_PORT=str(self.status_port),
@@ -86,22 +56,15 @@ class Nginx:
         )
 
     def start(self) -> Nginx:
-        self.proc = subprocess.Popen(
-            stack.nginx_command(self.conf, self.error_log),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        self.proc = processes.spawn(nginx_command(self.conf, self.error_log))
         wait_for_port(self.http_port)
         wait_for_port(self.tls_port)
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGQUIT: Nginx's graceful stop (its workers finish what they serve)."""
+        if self.proc is not None:
+            processes.stop(self.proc, signal.SIGQUIT, grace=10)
 
     def access_lines(self) -> list[dict[str, Any]]:
         if not self.access_log.exists():
@@ -128,27 +91,19 @@ class Prometheus:
         require_tool("prometheus")
         self.port = free_port()
         self.config = workdir / "prometheus.yml"
-        config = stack.prometheus_config(scrape, interval=scrape_interval, rule_files=rule_files)
+        config = prometheus_config(scrape, interval=scrape_interval, rule_files=rule_files)
         self.config.write_text(config)
         self.data = workdir / "data"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Prometheus:
-        self.proc = subprocess.Popen(
-            stack.prometheus_command(self.config, self.data, f"127.0.0.1:{self.port}"),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )
+        self.proc = processes.spawn(prometheus_command(self.config, self.data, f"127.0.0.1:{self.port}"))
         wait_for_port(self.port, timeout=30)
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            processes.stop(self.proc, grace=15)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         return query(self.port, promql)
