@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from loadtests.harness import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 Event = dict[str, Any]
@@ -46,15 +47,7 @@ class ServiceProcess:
 
     # -- process ---------------------------------------------------------------------------
     def start(self, timeout: float = 20.0) -> ServiceProcess:
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=ROOT,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.proc = processes.spawn(self.command(), output=subprocess.PIPE, cwd=ROOT, env=self.env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         listening = self.wait_for(lambda e: e.get("event") == "listening", timeout)
@@ -108,17 +101,8 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """Cleanup: SIGTERM, then SIGKILL the whole session if it lingers."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(15)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
+        if self.proc is not None:
+            processes.stop(self.proc, grace=15)
 
     # -- log events ------------------------------------------------------------------------
     def wait_for(self, predicate: Callable[[Event], bool], timeout: float = 10.0, after: int = 0) -> Event:

@@ -11,6 +11,8 @@ import sys
 
 from conftest import ROOT
 
+from loadtests.harness import processes
+
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -28,22 +30,22 @@ def test_a_bad_setting_stops_the_real_command_with_exit_2_naming_it() -> None:
 
 
 def test_console_log_format_is_for_people() -> None:
-    proc = subprocess.Popen(
+    proc = processes.spawn(
         [sys.executable, "-m", "service", "--port", "0", "--address", "127.0.0.1", "--workers", "1",
          "--log-format", "console"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        output=subprocess.PIPE, cwd=ROOT, stdin=None,
     )
     lines = []
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "worker started" in line:
+        for raw in proc.stdout:
+            lines.append(raw.decode())
+            if "worker started" in lines[-1]:
                 break
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=15)
-    lines += rest.splitlines()
+    lines += rest.decode().splitlines()
     assert proc.returncode == 0
     listening = next(line for line in lines if "listening" in line)
     assert not listening.lstrip().startswith("{") and "[info" in listening

@@ -26,7 +26,10 @@ import pytest
 import wsclient
 from conftest import ROOT, ServiceProcess, gone, require_tool, wait_until
 from httpload import HttpLoad
-from proxy import Nginx, free_port
+from proxy import Nginx
+
+from loadtests.harness import processes
+from loadtests.harness.ports import free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,10 +69,10 @@ def test_killing_workers_again_and_again_under_k6_load_through_nginx(
         **os.environ, "BASE_URL": f"http://127.0.0.1:{nginx.http_port}", "RATE": "150", "DURATION": "20",
         "SLEEP_MS": "100", "SLEEP_SHARE": "0.3", "MAX_ERROR_RATE": "0", "P95_MS": "5000",
     }
-    load = subprocess.Popen(
+    load = processes.spawn(
         [k6, "run", "--quiet", "--no-color", "--address", "", "--summary-export", str(summary),
          str(ROOT / "loadtests/k6/http.js")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        output=subprocess.PIPE, env=env, stdin=None,
     )
     try:
         time.sleep(5)  # past k6's ramp-up: requests in flight on every worker
@@ -83,8 +86,7 @@ def test_killing_workers_again_and_again_under_k6_load_through_nginx(
         output, _ = load.communicate(timeout=120)
     finally:
         if load.poll() is None:
-            os.killpg(load.pid, signal.SIGKILL)
-            load.wait(5)
+            processes.stop(load, signal.SIGKILL, whole_group=True)
     metrics = json.loads(summary.read_text())["metrics"]
     failed, total = metrics["http_req_failed"]["passes"], metrics["http_reqs"]["count"]
     bad = [line for line in nginx.access_lines() if line["status"] != 200]

@@ -16,7 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT, alive, require_tool
-from proxy import free_port, wait_for_port, wait_for_query
+from proxy import wait_for_port, wait_for_query
+
+from loadtests.harness import processes
+from loadtests.harness.ports import free_port
 
 
 def _start(
@@ -30,10 +33,7 @@ def _start(
         "--prometheus-port", str(ports["prometheus"]), "--exporter-port", str(ports["exporter"]),
         "--shutdown-grace", "5", "--", "--workers", "2", *service_args,
     ]
-    proc = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        user=user, env=_environment(workdir),
-    )
+    proc = processes.spawn(command, output=subprocess.PIPE, cwd=ROOT, env=_environment(workdir), user=user)
     return proc, ports
 
 
@@ -49,8 +49,7 @@ def _stop(proc: subprocess.Popen[bytes], signum: int) -> tuple[int, str, list[in
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            processes.stop(proc, signal.SIGKILL)
     return proc.returncode, output.decode(errors="replace"), children
 
 

@@ -21,14 +21,15 @@ Output = Path | IO[bytes] | int
 
 def spawn(
     command: Sequence[str], *, output: Output = subprocess.DEVNULL, cwd: Path | str | None = None,
-    env: Mapping[str, str] | None = None, stdin: int | IO[bytes] = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None, stdin: int | IO[bytes] | None = subprocess.DEVNULL,
+    user: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """`command` as the leader of a new session, stderr with stdout (`env` replaces the environment)."""
     with contextlib.ExitStack() as files:
         out = files.enter_context(output.open("ab")) if isinstance(output, Path) else output
         return subprocess.Popen(
             list(command), cwd=cwd, env=None if env is None else dict(env), stdin=stdin, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, user=user,
         )
 
 
