@@ -3,7 +3,7 @@
 With BROADCAST_URL set (in the environment, or `-- --broadcast-url URL`) to a Redis on this
 machine's loopback, Debian's `redis-server` runs on that port too, first, for the rooms'
 backplane (no persistence, its files in the working directory); unset, the rooms use the
-embedded bus and no Redis runs.
+embedded backplane and no Redis runs.
 
 `make stack` runs this. Everything lives in a working directory of its own (`.stack/` by
 default): rendered configuration, a self-signed TLS pair when none is given, Prometheus' data.

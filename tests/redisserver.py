@@ -3,13 +3,16 @@ no persistence, and stop/kill/restart on the same port for outage tests."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import subprocess
 from pathlib import Path
 
 from conftest import require_tool
-from proxy import free_port, wait_for_port
+from proxy import wait_for_port
+
+from loadtests.harness import processes
+from loadtests.harness.ports import free_port
+from loadtests.harness.redis import redis_command
 
 
 class RedisServer:
@@ -25,27 +28,16 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        log = ["--logfile", str(self.workdir / "redis.log")]
+        self.proc = processes.spawn([*redis_command(self.port, self.workdir, self.binary), *log])
         wait_for_port(self.port)
         return self
 
     def kill(self) -> None:
         """SIGKILL: Redis gone at once, its connections reset (an outage, not a shutdown)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc is not None:
+            processes.stop(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            processes.stop(self.proc, grace=10)

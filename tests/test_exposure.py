@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 from conftest import ServiceProcess, http_request, require_tool
-from proxy import Nginx, free_port
-from rawclient import exchange
+from proxy import Nginx
 
+from loadtests.harness.ports import free_port
+from loadtests.harness.wire import exchange
 from nginx import render
 
 ROOT = Path(__file__).resolve().parent.parent

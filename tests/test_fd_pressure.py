@@ -36,8 +36,8 @@ import pytest
 from conftest import ServiceProcess, http_request, require_tool, wait_until
 from metrics_client import scrape
 from proxy import Nginx
-from rawclient import Reply, read_until_closed
 
+from loadtests.harness.wire import Reply, read_until_closed
 from service.http.server import PausingAcceptor
 
 Start = Callable[..., ServiceProcess]

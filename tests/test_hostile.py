@@ -1,6 +1,6 @@
 """Malformed and hostile input, straight to the service and through Nginx.
 
-Every case is sent as exact bytes on a raw socket (tests/rawclient.py) and must get its answer
+Every case is sent as exact bytes on a raw socket (loadtests/harness/wire.py) and must get its answer
 (a 4xx, or the RFC's own 501/505, or a bare close) and a closed connection within a bound: a
 connection left open is a failure. After each case every worker is the one that was there
 before, /metrics counts no restart, and every line the service wrote is one JSON object. The
@@ -19,7 +19,8 @@ import pytest
 from conftest import ServiceProcess
 from metrics_client import eventually, scrape
 from proxy import Nginx
-from rawclient import (
+
+from loadtests.harness.wire import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,

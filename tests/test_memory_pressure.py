@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rawclient
 import wsclient
 from conftest import ServiceProcess, wait_until
 from metrics_client import eventually
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import WebSocketClientConnection
+
+from loadtests.harness import wire
 
 Start = Callable[..., ServiceProcess]
 MiB = 1 << 20
@@ -210,7 +211,7 @@ def _refused_for_memory(port: int, workers: int) -> None:
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     for request in (b"GET /api/hello HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", upgrade):
-        reply = rawclient.exchange(port, request, timeout=10)
+        reply = wire.exchange(port, request, timeout=10)
         assert reply.closed and not reply.reset, reply
         [response] = reply.responses
         assert response.status == 503 and response.body == SHED_BODY

@@ -38,7 +38,8 @@ import pytest
 from conftest import ServiceProcess, wait_until
 from metrics_client import scrape
 from proxy import Nginx
-from rawclient import parse_responses
+
+from loadtests.harness.wire import parse_responses
 
 Start = Callable[..., ServiceProcess]
 

@@ -1,4 +1,6 @@
-"""Exact bytes to a server and what came back, for hostile-input tests (tests/test_hostile.py).
+"""Exact bytes to a server and what came back: raw HTTP/1.x and WebSocket frames on a socket, for
+hostile-input, slow-client and exposure tests, and for load tests that need a client no library
+would be (one that misbehaves on purpose).
 
 Nothing here waits without a bound: a reply is read until the server closes the connection or a
 deadline passes, and a connection the server left open past it is reported (`closed` false), not
