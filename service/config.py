@@ -5,6 +5,10 @@ else it takes its built-in default, so `python -m service` runs with no configur
 A value that does not parse or is out of range stops start-up with exit code 2 and a message
 that names both the flag and the variable: an operator who mistyped `PORT=70000` should learn
 that before a single worker is forked, not from a crash loop.
+
+Each setting is declared once, as a Settings field whose metadata holds its variable, flag, parser
+and help: the parser, --help and the generated docs/reference/settings.md (deploy/reference.py) all
+read OPTIONS, which is made from those fields, so none of them can drift from the others.
 """
 
 from __future__ import annotations
@@ -19,47 +23,12 @@ import socket
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from service import __version__
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("json", "console")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The validated configuration; immutable so a forked worker sees exactly what the parent saw."""
-
-    port: int = 8888
-    address: str = ""
-    workers: int | None = None  # None: derived from the CPUs this process may use (service.process.cpus)
-    backlog: int = 2048
-    reuse_port: bool = False
-    shutdown_grace: float = 20.0
-    drain_delay: float = 0.0
-    tick_interval: float = 1.0
-    log_level: str = "info"
-    log_format: str = "json"
-    access_log: bool = True
-    access_log_sample: float = 1.0
-    max_body_size: int = 1024 * 1024
-    max_header_size: int = 64 * 1024
-    idle_timeout: float = 60.0
-    body_timeout: float = 30.0
-    ws_max_message_size: int = 64 * 1024
-    ws_ping_interval: float = 20.0
-    max_connections: int = 10_000
-    memory_shed_at: float = 0.9
-    max_write_buffer: int = 4 * 1024 * 1024
-    max_restarts: int = 100
-    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")
-    broadcast_url: str = ""  # "": the embedded bus between this service's workers; else redis://HOST:PORT/DB
-    broadcast_channel: str = "tornado-rooms"
-    broadcast_dir: str = ""  # "": a private temporary directory, made by the supervisor before the fork
-    room_publish_rate: float = 20.0
-    room_publish_burst: int = 40
-    room_classes: tuple[str, ...] = ()
 
 
 class SettingError(ValueError):
@@ -144,7 +113,7 @@ MAX_ROOM_CLASSES = 32
 
 
 def _broadcast_url(raw: str) -> str:
-    """Empty (the embedded bus), or `redis://HOST[:PORT][/DB]`, returned as `redis://HOST:PORT/DB`.
+    """Empty (the embedded backplane), or `redis://HOST[:PORT][/DB]`, returned as `redis://HOST:PORT/DB`.
 
     No user or password: the start-up line logs every setting, and a secret has no place there
     (README, Rooms: reach Redis over a network only the service can use). No `rediss://`.
@@ -155,7 +124,8 @@ def _broadcast_url(raw: str) -> str:
     try:
         host, port, db = redis_address(value)
     except ValueError as exc:
-        raise SettingError(f"{exc}; expected empty (the embedded bus) or redis://HOST:PORT/DB") from None
+        expected = "expected empty (the embedded backplane) or redis://HOST:PORT/DB"
+        raise SettingError(f"{exc}; {expected}") from None
     shown = f"[{host}]" if ":" in host else host
     return f"redis://{shown}:{port}/{db}"
 
@@ -230,7 +200,7 @@ def _choice(options: Sequence[str]) -> Callable[[str], str]:
 UNIX_PATH_MAX = 107  # bytes of a Unix socket's path (sun_path is 108, with its NUL)
 
 
-def _bus_directory(raw: str) -> str:
+def _backplane_directory(raw: str) -> str:
     """Empty, or an absolute directory short enough for the sockets' paths (`<dir>/w<id>.sock`)."""
     value = raw.strip()
     if value and not os.path.isabs(value):
@@ -253,9 +223,15 @@ def _boolean(raw: str) -> bool:
     raise SettingError("must be true or false")
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
-class _Option:
+class Option:
+    """One setting as the command line, the environment and the reference pages see it."""
+
     field: str
+    default: Any
     env: str
     parse: Callable[[str], Any]
     help: str
@@ -266,154 +242,147 @@ class _Option:
     def cli(self) -> str:
         return self.flag or "--" + self.field.replace("_", "-")
 
+    @property
+    def shown_default(self) -> str:
+        """The default as --help and docs/reference/settings.md write it."""
+        if self.default is None:
+            return "auto"
+        if isinstance(self.default, tuple):
+            return ",".join(self.default)
+        return repr(self.default) if self.default == "" else str(self.default)
 
-OPTIONS: tuple[_Option, ...] = (
-    _Option("port", "PORT", _int_in(0, 65535), "TCP port to listen on (0 picks a free port, logged)"),
-    _Option("address", "ADDRESS", _address, "address to bind; empty means every interface, IPv4 and IPv6"),
-    _Option(
-        "workers",
-        "WEB_CONCURRENCY",
-        _workers,
+
+def _setting(
+    default: T, env: str, parse: Callable[[str], Any], help: str, *, flag: str = "",
+    shown: Callable[[str], str] = repr,
+) -> T:
+    """A Settings field that carries its own variable, parser and help, so a setting is declared once."""
+    spec = {"env": env, "parse": parse, "help": help, "flag": flag, "shown": shown}
+    return dataclasses.field(default=default, metadata=spec)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration; immutable so a forked worker sees exactly what the parent saw."""
+
+    port: int = _setting(
+        8888, "PORT", _int_in(0, 65535), "TCP port to listen on (0 picks a free port, logged)"
+    )
+    address: str = _setting(
+        "", "ADDRESS", _address, "address to bind; empty means every interface, IPv4 and IPv6"
+    )
+    workers: int | None = _setting(  # None: derived from the CPUs this process may use (service.process.cpus)
+        None, "WEB_CONCURRENCY", _workers,
         "worker processes; 'auto' counts the CPUs this process may use (cgroup quota, affinity)",
-    ),
-    _Option("backlog", "BACKLOG", _int_in(1, 65535), "listen backlog (the kernel caps it at somaxconn)"),
-    _Option(
-        "reuse_port",
-        "REUSE_PORT",
-        _boolean,
+    )
+    backlog: int = _setting(
+        2048, "BACKLOG", _int_in(1, 65535), "listen backlog (the kernel caps it at somaxconn)"
+    )
+    reuse_port: bool = _setting(
+        False, "REUSE_PORT", _boolean,
         "bind one SO_REUSEPORT socket per worker so the kernel spreads connections evenly",
-    ),
-    _Option(
-        "shutdown_grace",
-        "SHUTDOWN_GRACE",
-        _seconds(0, above=True, high=3600),
+    )
+    shutdown_grace: float = _setting(
+        20.0, "SHUTDOWN_GRACE", _seconds(0, above=True, high=3600),
         "seconds a SIGTERM'd service has to finish in-flight requests before it is killed",
-    ),
-    _Option(
-        "drain_delay",
-        "DRAIN_DELAY",
-        _seconds(0, high=3600),
+    )
+    drain_delay: float = _setting(
+        0.0, "DRAIN_DELAY", _seconds(0, high=3600),
         "seconds between turning /readyz to 503 and closing the listener (load balancer catch-up)",
-    ),
-    _Option(
-        "tick_interval",
-        "TICK_INTERVAL",
-        _seconds(0.01, high=3600),
+    )
+    tick_interval: float = _setting(
+        1.0, "TICK_INTERVAL", _seconds(0.01, high=3600),
         "seconds between tick events on /ws/ticker and /api/poll",
-    ),
-    _Option("log_level", "LOG_LEVEL", _choice(LOG_LEVELS), "lowest log level written"),
-    _Option("log_format", "LOG_FORMAT", _choice(LOG_FORMATS), "json (one event per line) or console"),
-    _Option("access_log", "ACCESS_LOG", _boolean, "write one JSON line per request (5xx always)"),
-    _Option(
-        "access_log_sample",
-        "ACCESS_LOG_SAMPLE",
-        _fraction,
+    )
+    log_level: str = _setting("info", "LOG_LEVEL", _choice(LOG_LEVELS), "lowest log level written")
+    log_format: str = _setting(
+        "json", "LOG_FORMAT", _choice(LOG_FORMATS), "json (one event per line) or console"
+    )
+    access_log: bool = _setting(True, "ACCESS_LOG", _boolean, "write one JSON line per request (5xx always)")
+    access_log_sample: float = _setting(
+        1.0, "ACCESS_LOG_SAMPLE", _fraction,
         "fraction of requests below 500 that get an access line (1: all, 0.01: one in a hundred)",
-    ),
-    _Option("max_body_size", "MAX_BODY_SIZE", _int_in(0), "largest request body accepted, in bytes"),
-    _Option("max_header_size", "MAX_HEADER_SIZE", _int_in(1024), "largest request head, in bytes"),
-    _Option(
-        "idle_timeout",
-        "IDLE_TIMEOUT",
-        _seconds(0, above=True),
+    )
+    max_body_size: int = _setting(
+        1024 * 1024, "MAX_BODY_SIZE", _int_in(0), "largest request body accepted, in bytes"
+    )
+    max_header_size: int = _setting(
+        64 * 1024, "MAX_HEADER_SIZE", _int_in(1024), "largest request head, in bytes"
+    )
+    idle_timeout: float = _setting(
+        60.0, "IDLE_TIMEOUT", _seconds(0, above=True),
         "seconds a connection may wait for a request's headers (idle keep-alive included)",
-    ),
-    _Option(
-        "body_timeout",
-        "BODY_TIMEOUT",
-        _seconds(0, above=True),
-        "seconds a client may take to send a request body",
-    ),
-    _Option(
-        "ws_max_message_size",
-        "WS_MAX_MESSAGE_SIZE",
-        _int_in(1),
+    )
+    body_timeout: float = _setting(
+        30.0, "BODY_TIMEOUT", _seconds(0, above=True), "seconds a client may take to send a request body"
+    )
+    ws_max_message_size: int = _setting(
+        64 * 1024, "WS_MAX_MESSAGE_SIZE", _int_in(1),
         "largest WebSocket message accepted, in bytes (larger ones close the socket with 1009)",
-    ),
-    _Option(
-        "ws_ping_interval",
-        "WS_PING_INTERVAL",
-        _seconds(0),
+    )
+    ws_ping_interval: float = _setting(
+        20.0, "WS_PING_INTERVAL", _seconds(0),
         "seconds between WebSocket pings that detect dead peers (0 turns them off)",
-    ),
-    _Option(
-        "max_connections",
-        "MAX_CONNECTIONS",
-        _int_in(1, 1_000_000),
+    )
+    max_connections: int = _setting(
+        10_000, "MAX_CONNECTIONS", _int_in(1, 1_000_000),
         "open connections per worker beyond which new ones get a 503 and are closed",
-    ),
-    _Option(
-        "memory_shed_at",
-        "MEMORY_SHED_AT",
-        _fraction,
+    )
+    memory_shed_at: float = _setting(
+        0.9, "MEMORY_SHED_AT", _fraction,
         "fraction of the cgroup's memory limit (working set: usage less inactive file cache) at which a "
         "worker takes no more connections than it holds: new ones get a 503 (0: never; no limit: off)",
-    ),
-    _Option(
-        "max_write_buffer",
-        "MAX_WRITE_BUFFER",
-        _int_in(64 * 1024),
+    )
+    max_write_buffer: int = _setting(
+        4 * 1024 * 1024, "MAX_WRITE_BUFFER", _int_in(64 * 1024),
         "bytes queued for one slow reader before it is disconnected (bounds memory per connection)",
-    ),
-    _Option(
-        "max_restarts",
-        "MAX_RESTARTS",
-        _int_in(0),
+    )
+    max_restarts: int = _setting(
+        100, "MAX_RESTARTS", _int_in(0),
         "worker restarts after which the supervisor gives up and exits 1 (crash-loop bound)",
-    ),
-    _Option(
-        "forwarded_allow_ips",
-        "FORWARDED_ALLOW_IPS",
-        _proxies,
+    )
+    forwarded_allow_ips: tuple[str, ...] = _setting(
+        ("127.0.0.1", "::1"), "FORWARDED_ALLOW_IPS", _proxies,
         "peers (addresses or CIDRs, comma-separated; '*' for any) whose X-Forwarded-For, X-Real-IP "
         "and X-Forwarded-Proto are believed: your own proxy only",
-    ),
-    _Option(
-        "broadcast_url",
-        "BROADCAST_URL",
-        _broadcast_url,
-        "the rooms' backplane: empty for the embedded bus between this service's workers (one "
+    )
+    broadcast_url: str = _setting(
+        "", "BROADCAST_URL", _broadcast_url,
+        "the rooms' backplane: empty for the embedded backplane between this service's workers (one "
         "machine, nothing else to run), or redis://HOST:PORT/DB for Redis pub/sub between instances",
         shown=_without_credentials,
-    ),
-    _Option(
-        "broadcast_channel",
-        "BROADCAST_CHANNEL",
-        _channel,
+    )
+    broadcast_channel: str = _setting(
+        "tornado-rooms", "BROADCAST_CHANNEL", _channel,
         "the Redis pub/sub channel of the rooms (pub/sub ignores the database number: services "
         "sharing one Redis need channels of their own)",
-    ),
-    _Option(
-        "broadcast_dir",
-        "BROADCAST_DIR",
-        _bus_directory,
-        "directory of the embedded bus's sockets, made before the fork; empty: a private temporary one",
-    ),
-    _Option(
-        "room_publish_rate",
-        "ROOM_PUBLISH_RATE",
-        _rate,
+    )
+    # "": a private temporary directory, made by the supervisor before the fork
+    broadcast_dir: str = _setting(
+        "", "BROADCAST_DIR", _backplane_directory,
+        "directory of the embedded backplane's sockets, made before the fork; empty: a private temporary one",
+    )
+    room_publish_rate: float = _setting(
+        20.0, "ROOM_PUBLISH_RATE", _rate,
         "messages per second one WebSocket (or one client address, for POST /api/publish) may "
         "publish, on average; faster closes the socket with 4029 or answers 429 (0: no limit)",
-    ),
-    _Option(
-        "room_publish_burst",
-        "ROOM_PUBLISH_BURST",
-        _int_in(1, 1_000_000),
+    )
+    room_publish_burst: int = _setting(
+        40, "ROOM_PUBLISH_BURST", _int_in(1, 1_000_000),
         "messages a publisher may send at once before ROOM_PUBLISH_RATE applies",
-    ),
-    _Option(
-        "room_classes",
-        "ROOM_CLASSES",
-        _room_classes,
+    )
+    room_classes: tuple[str, ...] = _setting(
+        (), "ROOM_CLASSES", _room_classes,
         "room classes for metric labels, comma-separated: room 'chat.42' is of class 'chat' when "
         "it is listed, every other room of class 'other' (a room name is never a label)",
-    ),
+    )
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(field=f.name, default=f.default, **f.metadata) for f in dataclasses.fields(Settings)
 )
 
-
 def build_parser() -> argparse.ArgumentParser:
-    defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description=(
@@ -423,11 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     for opt in OPTIONS:
-        default = getattr(defaults, opt.field)
-        shown = "auto" if default is None else (repr(default) if default == "" else default)
-        if isinstance(default, tuple):
-            shown = ",".join(default)
-        help_text = f"{opt.help} [env {opt.env}; default {shown}]"
+        help_text = f"{opt.help} [env {opt.env}; default {opt.shown_default}]"
         if opt.parse is _boolean:
             parser.add_argument(
                 opt.cli, dest=opt.field, default=None, action="store_const", const="true", help=help_text
@@ -441,11 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EMBEDDED_BUS_OVERHEAD = 256  # bytes of a bus record that are not the message: header and room name
+EMBEDDED_BUS_OVERHEAD = 256  # bytes of a backplane record that are not the message: header and room name
 
 
 def embedded_bus_limit() -> int:
-    """The largest message the embedded bus can carry in one datagram on this machine.
+    """The largest message the embedded backplane can carry in one datagram on this machine.
 
     Linux refuses a Unix datagram larger than the sending socket's buffer (less 32 bytes), and
     caps that buffer at twice `net.core.wmem_max`; asking for far more and reading back what was
@@ -463,7 +428,7 @@ def load(
 ) -> Settings:
     """Parse flags and environment into Settings, or exit 2 naming the setting that is wrong.
 
-    `bus_limit` measures the embedded bus's largest message (a parameter, so tests can shrink it).
+    `bus_limit` measures the embedded backplane's largest message (a parameter, so tests can shrink it).
     """
     env = os.environ if environ is None else environ
     parser = build_parser()
@@ -490,7 +455,7 @@ def load(
     if not settings.broadcast_url and settings.ws_max_message_size > (limit := bus_limit()):
         parser.error(
             f"WS_MAX_MESSAGE_SIZE (--ws-max-message-size) {settings.ws_max_message_size} is larger "
-            f"than the embedded bus carries on this machine ({limit} bytes, from net.core.wmem_max): "
+            f"than the embedded backplane carries on this machine ({limit} bytes, from net.core.wmem_max): "
             "lower it, or set BROADCAST_URL to use Redis"
         )
     return settings
