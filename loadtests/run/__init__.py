@@ -48,10 +48,10 @@ from loadtests import report
 from loadtests.plan import HELD_SCENARIOS, Limits, Plan, make_plan
 from loadtests.prom import Prometheus, PrometheusError, ServerView, collect
 
-ROOT = Path(__file__).resolve().parent.parent
-K6_DIR = Path(__file__).resolve().parent / "k6"
-LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-REPORTS = Path(__file__).resolve().parent / "reports"
+ROOT = Path(__file__).resolve().parent.parent.parent
+K6_DIR = ROOT / "loadtests" / "k6"
+LOCUSTFILE = ROOT / "loadtests" / "locustfile.py"
+REPORTS = ROOT / "loadtests" / "reports"
 # The local Prometheus' scrape interval (and so its scrape timeout): 1 s missed scrapes of a
 # service busy with thousands of handshakes on these 2 cores.
 LOCAL_SCRAPE_INTERVAL = 2.0
@@ -438,7 +438,8 @@ def _not_blank(line: str) -> bool:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m loadtests.run", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=sorted(SCENARIOS),
                         help="; ".join(f"{s.name}: {s.about}" for s in SCENARIOS.values()))
     parser.add_argument("--n", type=int, help="clients: sockets, long polls, concurrency C, Locust users")

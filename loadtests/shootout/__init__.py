@@ -53,7 +53,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 PEERS = ROOT / "loadtests" / "peers"
 REPORTS = ROOT / "loadtests" / "reports"
 K6_SCRIPT = ROOT / "loadtests" / "k6" / "websockets.js"

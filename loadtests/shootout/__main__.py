@@ -1,0 +1,7 @@
+"""`python -m loadtests.shootout`."""
+
+import sys
+
+from loadtests.shootout import main
+
+sys.exit(main())
