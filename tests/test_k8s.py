@@ -471,10 +471,10 @@ def kubelet_cpu_max(limit: str) -> str:
 
 
 def readme_workers() -> dict[str, int]:
-    """overlay -> workers, from the table in README.md's "Kubernetes" section."""
-    text = (ROOT / "README.md").read_text()
-    match = re.search(r"(?ms)^## Kubernetes\n(.*?)(?=^## )", text)
-    assert match, "README.md has no Kubernetes section"
+    """overlay -> workers, from the table at the top of the manual's Kubernetes page."""
+    text = (ROOT / "docs" / "kubernetes.md").read_text()
+    match = re.search(r"(?ms)^# Kubernetes\n(.*?)(?=^## |\Z)", text)
+    assert match, "docs/kubernetes.md has no Kubernetes title"
     rows = [[cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
             for line in match.group(1).splitlines() if line.startswith("|")]
     header = next(row for row in rows if "workers" in row)
