@@ -238,7 +238,7 @@ def test_compose_prometheus_scrapes_the_service_inside_the_network(stack: dict[s
 
 def test_compose_redis_profile_carries_rooms_and_down_leaves_nothing(images: Images) -> None:
     """A stack of its own, so this holds whatever order the tests run in: the `redis` profile
-    with BROADCAST_URL set (README "Running Redis"), a room message through Nginx over Redis,
+    with BROADCAST_URL set (docs/rooms.md, "Running Redis"), a room message through Nginx over Redis,
     then `down` removes every container of the project, the profile's Redis included."""
     project = f"tornadodown{free_port()}"
     env = {**dict(PODMAN_ENV), "SERVICE_IMAGE": images.service, "NGINX_IMAGE": images.nginx,

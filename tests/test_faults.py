@@ -3,7 +3,7 @@ requests, and a rolling restart of two service instances behind one Nginx upstre
 clients and WebSockets connected. The goal in each: no failed request, and every WebSocket
 closed with 1001 (going away) and reconnected by its client.
 
-What makes it hold (README "Reliability"): Nginx retries an idempotent request that failed
+What makes it hold (docs/reliability.md): Nginx retries an idempotent request that failed
 before an answer (a reset, a refused connect, a 503) on the next listed server, and the service
 is listed more than once per instance (nginx/render.py `upstream_servers`); a draining instance
 answers what it has in flight, closes WebSockets with 1001, refuses new upgrades with 503, and

@@ -4,7 +4,7 @@ Every case is sent as exact bytes on a raw socket (loadtests/harness/wire.py) an
 (a 4xx, or the RFC's own 501/505, or a bare close) and a closed connection within a bound: a
 connection left open is a failure. After each case every worker is the one that was there
 before, /metrics counts no restart, and every line the service wrote is one JSON object. The
-README's "Hostile input" section is this file as a table.
+docs/hostile-input.md is this file as a table.
 """
 
 from __future__ import annotations

@@ -278,7 +278,7 @@ def test_memory_pressure_sheds_new_connections_instead_of_an_oom_kill(
     try:
         wsclient.run(scenario())
     finally:
-        print(f"memory pressure figures: {figures}")  # for the README's figures (pytest -s)
+        print(f"memory pressure figures: {figures}")  # docs/operations.md's figures (pytest -s)
     assert memory_cgroup.oom_kills() == 0
     assert svc.live_workers() == pids and not svc.named("worker died, restarting")
     assert wait_until(lambda: svc.request("/api/hello")[0] == 200, 10)  # once the closes are seen

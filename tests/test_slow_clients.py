@@ -254,7 +254,7 @@ class Run:
         return [s for s in self.slows if s.kind in kinds]
 
     def report(self, title: str) -> None:
-        """The figures for the README's reliability report (pytest -s shows them)."""
+        """The figures for the manual's reliability report (docs/reliability.md) (pytest -s shows them)."""
         print(
             f"\n[{title}] {len(self.slows)} slow connections; normal clients: {self.normal.summary()}; "
             f"slow ones still held when the normal traffic was over: {self.held_during_normal}"
