@@ -1,4 +1,4 @@
-"""The soak's 60-second version (`make soak` runs 600 s): loadtests/soak.py as a command, through
+"""The soak's 60-second version (`make soak` runs 600 s): loadtests/soak/ as a command, through
 Nginx, with modest client counts (the suite shares 2 cores), one worker SIGKILLed twice.
 
 What it proves: the driver's verdict is PASS, every rule of it on its own (memory flat per worker
@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, alive, require_tool
 
-from loadtests import soak
+from loadtests.soak import judging
+from loadtests.soak.clients import Failure
+from loadtests.soak.sampling import Kill
 
 ARGS = [
     "--duration", "60", "--interval", "2", "--workers", "2", "--ws", "12", "--keepalive", "2",
@@ -97,21 +99,16 @@ def test_soak_60_seconds_passes(tmp_path: Path) -> None:
     assert result["checks"]["cleanup"]["left"] == []
 
 
-# -- the rules themselves, on made-up samples: each one can fail ---------------------------------------
+# -- the rules themselves (loadtests/soak/judging.py), on made-up figures, nothing started: each can fail
 MIB = 1024 * 1024
 
 
-def judged(samples: list[dict[str, object]], **figures: object) -> soak.Soak:
-    """A Soak holding these samples as if it had run 60 s (nothing is started)."""
-    run = soak.Soak(soak.parse_args(["--duration", "60", "--interval", "2", "--kills", "0"]))
-    shutil.rmtree(run.workdir, ignore_errors=True)
-    run.samples, run.churn_seconds = samples, 60.0
-    for name, value in figures.items():
-        setattr(run, name, value)
-    return run
+def memory(samples: list[dict[str, Any]], final: dict[str, Any]) -> dict[str, Any]:
+    """The memory rule as a 60 s run with 2 s samples and the default limits would apply it."""
+    return judging.judge_memory(samples, final, 60.0, 2.0, 2, 4.0, 5.0)
 
 
-def memory_samples(rss: Callable[[float], float]) -> list[dict[str, object]]:
+def memory_samples(rss: Callable[[float], float]) -> list[dict[str, Any]]:
     return [
         {"t": float(t), "workers": {"0": {"pid": 10, "rss": int(rss(t)), "fds": 30},
                                     "1": {"pid": 11, "rss": 50 * MIB, "fds": 30}},
@@ -122,16 +119,16 @@ def memory_samples(rss: Callable[[float], float]) -> list[dict[str, object]]:
 
 def test_memory_rule_passes_a_plateau_and_fails_a_leak() -> None:
     final = {"workers": {"0": {"pid": 10}, "1": {"pid": 11}}}
-    plateau = judged(memory_samples(lambda t: (40 + min(t, 15) / 3) * MIB), final=final).judge_memory()
+    plateau = memory(memory_samples(lambda t: (40 + min(t, 15) / 3) * MIB), final)
     assert plateau["passed"], plateau
-    leak = judged(memory_samples(lambda t: (40 + t / 3) * MIB), final=final).judge_memory()  # 20 MiB a minute
+    leak = memory(memory_samples(lambda t: (40 + t / 3) * MIB), final)  # 20 MiB a minute
     assert not leak["passed"]
     assert [p["verdict"] for p in leak["processes"]] == ["FAIL: grew", "flat"]
 
 
 def test_memory_rule_fails_when_a_slot_is_never_judged() -> None:
     final = {"workers": {"0": {"pid": 12}, "1": {"pid": 11}}}  # worker 0's last process never sampled
-    verdict = judged(memory_samples(lambda t: 40 * MIB), final=final).judge_memory()
+    verdict = memory(memory_samples(lambda t: 40 * MIB), final)
     assert not verdict["passed"]
 
 
@@ -141,26 +138,26 @@ def test_fd_rule_fails_on_a_descriptor_or_connection_left() -> None:
         "workers": {"0": {"pid": 10, "fds": 31, "tcp_connections": 0}},
         "supervisor": {"pid": 9, "fds": 12},
     }
-    assert judged(memory_samples(lambda t: MIB), baseline=baseline, final=clean).judge_fds()["passed"]
+    assert judging.judge_fds(memory_samples(lambda t: MIB), baseline, clean, 2)["passed"]
     leaked = {
         "workers": {"0": {"pid": 10, "fds": 33, "tcp_connections": 0}},
         "supervisor": {"pid": 9, "fds": 12},
     }
-    assert not judged(memory_samples(lambda t: MIB), baseline=baseline, final=leaked).judge_fds()["passed"]
+    assert not judging.judge_fds(memory_samples(lambda t: MIB), baseline, leaked, 2)["passed"]
     held = {
         "workers": {"0": {"pid": 10, "fds": 30, "tcp_connections": 1}},
         "supervisor": {"pid": 9, "fds": 12},
     }
-    assert not judged(memory_samples(lambda t: MIB), baseline=baseline, final=held).judge_fds()["passed"]
+    assert not judging.judge_fds(memory_samples(lambda t: MIB), baseline, held, 2)["passed"]
 
 
 def test_metrics_dir_rule_allows_kept_files_per_restart_and_nothing_else() -> None:
-    kill = soak.Kill(slot=1, pid=11, t=20.0, new_pid=13, back_after=0.5,
+    kill = Kill(slot=1, pid=11, t=20.0, new_pid=13, back_after=0.5,
                      files=["counter_11.db", "gauge_livesum_11.db", "histogram_11.db"],
                      kept=["counter_11.db", "histogram_11.db"])  # fmt: skip
     baseline = {"metrics_dir": {"files": 9, "bytes": 9 * 65536}}
 
-    def rows(after_kill: int) -> list[dict[str, object]]:
+    def rows(after_kill: int) -> list[dict[str, Any]]:
         return [
             {"t": float(t), "workers": {}, "supervisor": None,
              "metrics_dir": {"files": 9 if t < 20 else after_kill, "bytes": 9 * 65536}}
@@ -168,10 +165,29 @@ def test_metrics_dir_rule_allows_kept_files_per_restart_and_nothing_else() -> No
         ]  # fmt: skip
 
     final_ok = {"metrics_dir": {"files": 11, "bytes": 11 * 65536}}
-    ok = judged(rows(11), baseline=baseline, final=final_ok, kills=[kill]).judge_metrics_dir()
+    ok = judging.judge_metrics_dir(rows(11), baseline, final_ok, [kill])
     assert ok["passed"] and ok["end_bound"] == 11 and ok["kept_per_restart"] == 2, ok
-    grown = judged(rows(12), baseline=baseline, final=final_ok, kills=[kill]).judge_metrics_dir()
+    grown = judging.judge_metrics_dir(rows(12), baseline, final_ok, [kill])
     assert not grown["passed"]
     kill.live_left = ["gauge_livesum_11.db"]
-    stale = judged(rows(11), baseline=baseline, final=final_ok, kills=[kill]).judge_metrics_dir()
+    stale = judging.judge_metrics_dir(rows(11), baseline, final_ok, [kill])
     assert not stale["passed"]
+
+
+def test_error_rule_counts_kill_cuts_apart_from_unexpected_failures() -> None:
+    kill = Kill(slot=1, pid=11, t=20.0, new_pid=13, back_after=0.5)
+    cut = Failure(20.1, "ws_ticker", "/ws/ticker", "lost: IncompleteReadError", 11)
+    stray = Failure(40.0, "http_keepalive", "GET /api/hello", "status 500", 10)
+    judging.attribute_failures([cut], [kill])
+    clean = judging.judge_errors([cut], 0, 0, {"requests_5xx": 0.0})
+    assert clean["passed"] and clean["cut_by_kills"] == 1, clean
+    judging.attribute_failures([cut, stray], [kill])
+    assert not judging.judge_errors([cut, stray], 1, 0, {"requests_5xx": 1.0})["passed"]
+
+
+def test_restart_rule_needs_every_kill_back_and_counted() -> None:
+    kills = [Kill(slot=1, pid=11, t=20.0, new_pid=13, back_after=0.5)]
+    assert judging.judge_restarts(kills, 1, {"restarts": 1.0}, 1)["passed"]
+    assert not judging.judge_restarts(kills, 1, {"restarts": 0.0}, 1)["passed"]
+    kills[0].new_pid = None
+    assert not judging.judge_restarts(kills, 1, {"restarts": 1.0}, 1)["passed"]
