@@ -1,7 +1,8 @@
 """The supervisor: the parent process's whole life, read top to bottom in `Supervisor.run`.
 
 1. **size** the worker pool (WEB_CONCURRENCY, else the CPUs this process may use) and raise the
-   open-files limit to fit the connection cap;
+   open-files limit to fit the connection cap, make the embedded backplane's directory, and only
+   then log the settings, as the workers will run with them;
 2. **bind** the listening socket(s) in the parent, so every worker shares the port (with
    REUSE_PORT, one SO_REUSEPORT socket per worker slot, balanced by the kernel);
 3. **fork** the workers with Tornado's own `fork_processes`, and **watch** them from inside it:
@@ -66,22 +67,24 @@ class Supervisor:
     def run(self) -> int:
         """The parent's life; returns its exit code (workers leave through `worker.become`)."""
         logs.bind_process(role="supervisor", pid=self.pid)
-        _log.info("starting", **version_info(), settings=describe(self.settings),
-                  metrics_dir=str(self.metrics_dir.path))
         self.size()
-        try:
-            self.bind()
-        except OSError as exc:  # in use, or not an address of this host: say which setting to change
-            _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
-                       address=self.settings.address or "*", error=str(exc))
-            return 1
         try:  # the embedded backplane's directory, made before the fork (service/rooms/embedded.py)
             self.settings, bus_dir = embedded.prepare(self.settings, self.workers)
         except OSError as exc:
             _log.error("cannot make the embedded backplane's directory: check BROADCAST_DIR",
                        directory=self.settings.broadcast_dir, error=str(exc))
             return 1
+        # Only now: sizing may lower MAX_CONNECTIONS, and prepare fills in the pool size and the
+        # backplane's directory, so this line shows the settings the workers will run with.
+        _log.info("starting", **version_info(), settings=describe(self.settings),
+                  metrics_dir=str(self.metrics_dir.path))
         try:
+            try:
+                self.bind()
+            except OSError as exc:  # in use, or not an address of this host: say which setting to change
+                _log.error("cannot listen: check PORT and ADDRESS", port=self.settings.port,
+                           address=self.settings.address or "*", error=str(exc))
+                return 1
             return self.fork_and_watch()
         finally:  # the parent only: a worker leaves through os._exit
             bus_dir.remove()
