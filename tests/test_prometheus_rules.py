@@ -3,7 +3,8 @@
 promtool checks the syntax and runs the unit tests of deploy/prometheus/tests/. The rules are
 then loaded into a real Prometheus, whose rules API is what this module reads them from (the
 same parser production uses, and no YAML library needed): each alert must carry a severity, a
-summary, a templated description and a runbook anchor that README.md really has. Last, the
+summary, a templated description and a runbook_url naming a section docs/runbook.md really has,
+and that page has one section per alert and no other. Last, the
 rules run against the real service: every recording rule yields series with `job` and
 `instance`, the backplane series carry the labels the backplane alerts group by, and a SIGKILLed
 worker raises TornadoWorkerRestarted (which needs the restart counter to exist at 0 before the
@@ -18,6 +19,7 @@ import re
 import signal
 import subprocess
 import time
+import unicodedata
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -25,13 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import ROOT, ServiceProcess, require_tool
 from proxy import Prometheus
+
+from deploy import runbook
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = [PROMETHEUS_DIR / "rules" / "recording.yml", PROMETHEUS_DIR / "rules" / "alerts.yml"]
 UNIT_TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
-README = ROOT / "README.md"
+ALERTS = PROMETHEUS_DIR / "rules" / "alerts.yml"
+RUNBOOK = ROOT / runbook.DEFAULT_BASE
 SEVERITIES = {"critical", "warning"}
 
 # The names a dashboard is built on: renaming one breaks it, so they are pinned here.
@@ -119,27 +125,85 @@ def prometheus_with_rules(tmp_path: Path) -> Iterator[Callable[[dict[str, str]],
         prometheus.stop()
 
 
-def github_anchor(heading: str) -> str:
-    """The anchor GitHub gives a heading: lowercase, punctuation dropped, spaces to hyphens."""
-    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+def mkdocs_anchor(heading: str) -> str:
+    """The id MkDocs (Python-Markdown's toc) gives a heading: ASCII, punctuation dropped, lowercase,
+    runs of spaces and hyphens to one hyphen."""
+    text = unicodedata.normalize("NFKD", heading).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", text).strip().lower())
 
 
-def readme_anchors() -> set[str]:
-    anchors: set[str] = set()
+def runbook_headings(level: int) -> list[str]:
+    """The text of docs/runbook.md's headings of one level, outside fenced code, in page order."""
+    headings: list[str] = []
     fenced = False
-    for line in README.read_text().splitlines():
+    for line in RUNBOOK.read_text().splitlines():
         if line.startswith("```"):
             fenced = not fenced
-        elif not fenced and (match := re.match(r"#{1,6} (.+)", line)):
-            anchors.add(github_anchor(match.group(1)))
-    return anchors
+        elif not fenced and (match := re.fullmatch(r"(#{1,6}) (.+)", line)) and len(match.group(1)) == level:
+            headings.append(match.group(2).strip())
+    return headings
 
 
-def test_github_anchor_rules() -> None:
-    assert github_anchor("Alerts and runbook") == "alerts-and-runbook"
-    assert github_anchor("TornadoHigh5xxRatio") == "tornadohigh5xxratio"
-    assert github_anchor("Nginx and the local stack") == "nginx-and-the-local-stack"
-    assert github_anchor("`make stack`: what it runs") == "make-stack-what-it-runs"
+def alert_names() -> list[str]:
+    return [rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+            for rule in group["rules"] if "alert" in rule]
+
+
+def test_mkdocs_anchor_rules() -> None:
+    assert mkdocs_anchor("Runbook") == "runbook"
+    assert mkdocs_anchor("TornadoHigh5xxRatio") == "tornadohigh5xxratio"
+    assert mkdocs_anchor("Nginx and the local stack") == "nginx-and-the-local-stack"
+    assert mkdocs_anchor("`make stack`: what it runs") == "make-stack-what-it-runs"
+    assert mkdocs_anchor("Rooms - the backplane") == "rooms-the-backplane"
+
+
+def test_the_runbook_has_one_section_per_alert_and_no_other() -> None:
+    """A section for an alert that was renamed or removed would send on-call to the wrong advice."""
+    assert runbook_headings(1) == ["Runbook"]
+    names, sections = alert_names(), runbook_headings(2)
+    assert len(names) >= 8
+    assert sorted(sections) == sorted(names), (
+        f"no section: {sorted(set(names) - set(sections))}, no alert: {sorted(set(sections) - set(names))}")
+    assert len(set(sections)) == len(sections), "an alert has two sections"
+    assert runbook_headings(3) == [], "the runbook's sections are alerts: a subsection would look like one"
+
+
+def test_every_runbook_url_names_its_own_section() -> None:
+    """Checked on the file too, because the test over Prometheus' rules API needs a prometheus binary."""
+    names = alert_names()
+    assert runbook.anchors(ALERTS.read_text()) == [name.lower() for name in names]
+    anchors = {mkdocs_anchor(heading) for heading in runbook_headings(2)}
+    assert {name.lower() for name in names} <= anchors
+
+
+def test_with_base_points_every_runbook_url_at_the_published_page() -> None:
+    text = ALERTS.read_text()
+    published = runbook.with_base(text, "https://docs.example.org/runbook/")
+    assert runbook.with_base(text, runbook.DEFAULT_BASE) == text
+    assert published.count("runbook_url: https://docs.example.org/runbook/#") == len(alert_names())
+    assert "docs/runbook.md" not in published.replace("# docs/runbook.md", "").split("groups:", 1)[1]
+    # Only the annotations changed, and they read back as the address, anchors kept.
+    changed = [(a, b) for a, b in zip(text.splitlines(), published.splitlines(), strict=True) if a != b]
+    assert len(changed) == len(alert_names()) and all("runbook_url" in a for a, _ in changed)
+    loaded = [rule["annotations"]["runbook_url"] for group in yaml.safe_load(published)["groups"]
+              for rule in group["rules"] if "alert" in rule]
+    assert loaded == [f"https://docs.example.org/runbook/#{name.lower()}" for name in alert_names()]
+    assert runbook.with_base(published, runbook.DEFAULT_BASE) == text
+
+
+@pytest.mark.parametrize("base", ["https://x.example/a b/", "https://x.example/#top", ""])
+def test_with_base_refuses_a_base_that_is_no_page_address(base: str) -> None:
+    with pytest.raises(ValueError, match="runbook base"):
+        runbook.with_base(ALERTS.read_text(), base)
+
+
+def test_with_base_quotes_what_yaml_would_misread_and_keeps_quotes() -> None:
+    text = "  annotations:\n    runbook_url: 'docs/runbook.md#a'\n    runbook_url: docs/runbook.md#b\n"
+    rewritten = runbook.with_base(text, "@docs/x")
+    assert rewritten == '  annotations:\n    runbook_url: "@docs/x#a"\n    runbook_url: "@docs/x#b"\n'
+    assert runbook.runbook_url("tornadoworkerdown") == "docs/runbook.md#tornadoworkerdown"
+    with pytest.raises(ValueError, match="no runbook_url"):
+        runbook.with_base("runbook: README.md#a\n", "https://x.example/")
 
 
 def test_every_alert_is_labelled_annotated_and_in_the_runbook(
@@ -150,18 +214,18 @@ def test_every_alert_is_labelled_annotated_and_in_the_runbook(
     recorded = {rule["name"] for rule in rules if rule["type"] == "recording"}
     assert recorded >= RECORDING_RULES
     assert len(alerts) >= 8
-    anchors = readme_anchors()
-    assert "alerts-and-runbook" in anchors
+    anchors = {mkdocs_anchor(heading) for heading in runbook_headings(2)}
     unit_tests = "\n".join(path.read_text() for path in UNIT_TESTS)
     for alert in alerts:
         name, labels, annotations = alert["name"], alert["labels"], alert["annotations"]
         assert labels.get("severity") in SEVERITIES, name
         assert annotations.get("summary"), name
         assert "{{" in annotations.get("description", ""), f"{name}: the description should show values"
-        runbook = re.fullmatch(r"README\.md#([\w-]+)", annotations.get("runbook", ""))
-        assert runbook, f"{name}: runbook annotation should be README.md#<anchor>"
-        assert runbook.group(1) == name.lower(), f"{name}: the runbook section is named after the alert"
-        assert runbook.group(1) in anchors, f"{name}: README.md has no heading for #{runbook.group(1)}"
+        assert "runbook" not in annotations, f"{name}: the annotation is runbook_url now"
+        url = re.fullmatch(rf"{re.escape(runbook.DEFAULT_BASE)}#([\w-]+)", annotations.get("runbook_url", ""))
+        assert url, f"{name}: runbook_url annotation should be {runbook.DEFAULT_BASE}#<anchor>"
+        assert url.group(1) == name.lower(), f"{name}: the runbook section is named after the alert"
+        assert url.group(1) in anchors, f"{name}: {runbook.DEFAULT_BASE} has no heading for #{url.group(1)}"
         assert f"alertname: {name}\n" in unit_tests, f"{name} has no promtool unit test"
     for name in recorded:
         assert f"expr: {name}" in unit_tests, f"{name} has no promtool unit test"
