@@ -13,7 +13,7 @@ STACK_DEBS := nginx prometheus prometheus-nginx-exporter openssl $(if $(BROADCAS
 CONTAINER_DEBS := podman runc catatonit debootstrap golang-github-containernetworking-plugin-dnsname
 TEST_DEBS := util-linux nginx prometheus prometheus-nginx-exporter openssl curl wrk redis-server $(CONTAINER_DEBS)
 
-.PHONY: run test stack bench shootout load soak image lint docs clean
+.PHONY: run test stack bench shootout load soak image lint docs generate clean
 
 $(VENV)/.python:
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || scripts/install-debian.sh python3-venv
@@ -128,6 +128,11 @@ image:
 ## docs: the manual (docs/, mkdocs.yml) built strictly into build/site: a broken link or page fails
 docs: $(VENV)/.docs
 	$(BIN)/mkdocs build --strict --site-dir build/site
+
+## generate: every generated file (dashboards, Kubernetes files, the docs' settings and metrics references)
+## from its one source; ARGS="--check" fails naming the stale ones, ARGS="--runbook-base URL" links the alerts
+generate: $(VENV)/.test
+	$(BIN)/python -m deploy.generate $(ARGS)
 
 ## lint: ruff on every Python folder (make test runs it first)
 lint: $(VENV)/.test

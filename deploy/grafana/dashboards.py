@@ -3,8 +3,13 @@
 The JSON files under `deploy/grafana/dashboards/` are what Grafana provisions; they are written
 by this module and never edited by hand:
 
-    python -m deploy.grafana.dashboards           # (re)write every dashboard's JSON
-    python -m deploy.grafana.dashboards --check   # exit 1 if a file on disk differs
+    python -m deploy.generate                     # (re)write every generated file, these included
+    python -m deploy.generate --check             # exit 1 if a generated file on disk differs
+    python -m deploy.grafana.dashboards [--check] # the dashboards only
+
+Kubernetes gets the same files, not a copy: deploy/grafana/dashboards/kustomization.yaml (written
+by deploy/k8s.py) makes them ConfigMaps, and k8s/base lists this folder as a resource. Grafana's
+file provisioning reads only the *.json files of the folder.
 
 The JSON is plain dashboard JSON (no `__inputs`, no numeric `id`), and every panel and query
 names its datasource through the `${datasource}` template variable, so the same file loads
@@ -24,8 +29,9 @@ on load. Moving to another Grafana means moving the pin and regenerating.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from grafana_foundation_sdk.builders import heatmap, stat, table, timeseries
@@ -65,6 +71,8 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.heatmap import HeatmapColorMode, HeatmapColorScale
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+from deploy.generate import Generator, sync
 
 DIRECTORY = Path(__file__).resolve().parent / "dashboards"
 
@@ -482,13 +490,18 @@ DASHBOARDS: dict[str, Callable[[], Dashboard]] = {
 }
 
 
-def render(build: Callable[[], Dashboard]) -> str:
+def encode(build: Callable[[], Dashboard]) -> str:
     return JSONEncoder(sort_keys=True, indent=2).encode(build().build()) + "\n"
 
 
-def generate() -> dict[str, str]:
-    """File name -> the JSON text this module generates for it."""
-    return {name: render(build) for name, build in DASHBOARDS.items()}
+def render(directory: Path = DIRECTORY) -> dict[Path, str]:
+    """Every dashboard's JSON file (absolute path) and its text."""
+    return {directory / name: encode(build) for name, build in DASHBOARDS.items()}
+
+
+def obsolete(files: Mapping[Path, str], directory: Path = DIRECTORY) -> list[Path]:
+    """JSON in the folder that no dashboard writes any more (a renamed or removed dashboard)."""
+    return [path for path in sorted(directory.glob("*.json")) if path not in files]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -498,22 +511,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a file differs; write nothing")
     parser.add_argument("--dir", type=Path, default=DIRECTORY, help="where the JSON files are")
     args = parser.parse_args(argv)
-    stale = []
-    for name, text in generate().items():
-        path = args.dir / name
-        current = path.read_text() if path.exists() else None
-        if current == text:
-            continue
-        if args.check:
-            stale.append(name)
-        else:
-            args.dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-            print(f"wrote {path}")
-    if stale:
-        print(f"out of date: {', '.join(stale)} (run python -m deploy.grafana.dashboards)", file=sys.stderr)
-        return 1
-    return 0
+    directory: Path = args.dir
+    dashboards = Generator("deploy.grafana.dashboards", functools.partial(render, directory))
+    if directory.resolve() == DIRECTORY:  # another folder may hold JSON of its own: nothing is removed there
+        dashboards = Generator(dashboards.name, dashboards.render, obsolete)
+    return sync([dashboards], args.check, command="python -m deploy.grafana.dashboards")
 
 
 if __name__ == "__main__":
